@@ -1,0 +1,24 @@
+"""zmqlab: a ZeroMQ message fabric from many producers, through a partitioned broker, into SQL."""
+
+from zmqlab.assignment import round_robin
+from zmqlab.broker import Broker
+from zmqlab.config import BrokerConfig, ConsumerConfig, ProducerConfig
+from zmqlab.consumer import Consumer
+from zmqlab.errors import (
+    BrokerRejected,
+    BrokerUnavailable,
+    ConfigError,
+    ProtocolError,
+    SinkUnavailable,
+    ZmqlabError,
+)
+from zmqlab.producer import Ack, Producer, ProducerService, RecordsRefused, make_record
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ack", "Broker", "BrokerConfig", "BrokerRejected", "BrokerUnavailable", "ConfigError",
+    "Consumer", "ConsumerConfig", "Producer", "ProducerConfig", "ProducerService",
+    "ProtocolError", "RecordsRefused", "SinkUnavailable", "ZmqlabError", "make_record",
+    "round_robin",
+]

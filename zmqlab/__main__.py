@@ -1,0 +1,3 @@
+from zmqlab.cli import main
+
+main()

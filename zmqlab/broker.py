@@ -1,0 +1,477 @@
+"""The queue service: partitioned ring buffers between a producer ROUTER and a consumer ROUTER.
+
+One thread, one poller, one handler per command, timers after the poll (the Majordomo
+broker's shape). Handlers never touch sockets: they append replies to an outbox that the loop
+flushes, so tests drive ``handle_frontend``/``handle_backend``/``tick`` with fake time and
+frames and read the outbox.
+
+A record enters a partition on PUT (and only then is the producer acknowledged), is handed to
+the partition's owner when that consumer has credit, and leaves the partition only on the
+owner's ACK for the current epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zmqlab import protocol as proto
+from zmqlab.assignment import consumer_order, round_robin
+from zmqlab.config import BrokerConfig
+from zmqlab.errors import ProtocolError
+from zmqlab.node import Node, bind, new_socket
+from zmqlab.partition import Entry, Partition
+from zmqlab.protocol import Command, ErrorCode
+
+FRONT = "frontend"
+BACK = "backend"
+MAX_ID_CHARS = 128
+MAX_KEY_CHARS = 1024
+DRAIN_PER_POLL = 256  # messages read per socket per wake-up before timers and dispatch run
+
+
+@dataclass
+class ConsumerState:
+    name: str
+    registered_at: float
+    last_seen: float
+    credit: int = 0
+    assigned: list[int] = field(default_factory=list)
+    delivered: int = 0
+    acked: int = 0
+    next_partition: int = 0  # round-robin start among its partitions when dispatching
+
+
+@dataclass
+class ProducerState:
+    name: str
+    last_seen: float
+    records: int = 0
+
+
+class Broker(Node):
+    """The broker node; ``start()`` runs it on a thread, ``run()`` in the caller's."""
+
+    kind = "broker"
+
+    def __init__(self, config: BrokerConfig | None = None, *,
+                 context: zmq.Context[Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(context)
+        self.config = config or BrokerConfig()
+        self.clock = clock
+        self.partitions = [Partition(i, self.config.capacity)
+                           for i in range(self.config.partitions)]
+        self.consumers: dict[str, ConsumerState] = {}
+        self.producers: dict[bytes, ProducerState] = {}
+        self._producer_names: set[str] = set()
+        self._consumer_names: set[str] = set()
+        self._held: dict[str, tuple[int, int]] = {}  # record id -> (partition, offset), in queue
+        self._recent: OrderedDict[str, tuple[int, int]] = OrderedDict()  # acknowledged ids
+        self._round_robin = 0
+        self.outbox: list[tuple[str, list[bytes]]] = []
+        self.started_at = clock()
+        self._next_heartbeat = 0.0
+        self.counters = {"put": 0, "duplicates": 0, "refused": 0, "delivered": 0, "acked": 0,
+                         "released": 0, "expired": 0}
+
+    # -- loop --------------------------------------------------------------------------------
+    def serve(self, control: zmq.Socket[Any]) -> None:
+        frontend = new_socket(self.context, zmq.ROUTER)
+        # A restarted consumer reuses its identity: without HANDOVER the old pipe keeps it and
+        # the new one receives nothing. MANDATORY turns a send to a vanished consumer into an
+        # error we act on, instead of a silent drop.
+        backend = new_socket(self.context, zmq.ROUTER, router_handover=1, router_mandatory=1)
+        try:
+            bind(frontend, self.config.frontend, "broker frontend")
+            bind(backend, self.config.backend, "broker backend")
+            self.log.info("broker listening frontend=%s backend=%s partitions=%d capacity=%d",
+                          self.config.frontend, self.config.backend, self.config.partitions,
+                          self.config.capacity)
+            self.bound()
+            self._loop(control, frontend, backend)
+        finally:
+            frontend.close(0)
+            backend.close(0)
+
+    def _loop(self, control: zmq.Socket[Any], frontend: zmq.Socket[Any],
+              backend: zmq.Socket[Any]) -> None:
+        poller = zmq.Poller()
+        for sock in (control, frontend, backend):
+            poller.register(sock, zmq.POLLIN)
+        tick_s = self.config.tick_ms / 1000
+        next_tick = self.clock()
+        while True:
+            timeout_ms = max(0, int((next_tick - self.clock()) * 1000))
+            events = dict(poller.poll(timeout_ms))
+            if control in events:
+                control.recv()
+                self.log.info("broker stopping")
+                return
+            now = self.clock()
+            if frontend in events:
+                self._drain(frontend, self.handle_frontend, now)
+            if backend in events:
+                self._drain(backend, self.handle_backend, now)
+            if now >= next_tick:
+                self.tick(now)
+                next_tick = now + tick_s
+            self.dispatch(now)
+            self._flush(frontend, backend, now)
+
+    @staticmethod
+    def _drain(sock: zmq.Socket[Any], handle: Callable[[list[bytes], float], None],
+               now: float) -> None:
+        for _ in range(DRAIN_PER_POLL):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames, now)
+
+    def _flush(self, frontend: zmq.Socket[Any], backend: zmq.Socket[Any], now: float) -> None:
+        while self.outbox:
+            outbox, self.outbox = self.outbox, []
+            for side, frames in outbox:
+                sock = frontend if side == FRONT else backend
+                try:
+                    sock.send_multipart(frames, copy=False)
+                except zmq.ZMQError as exc:
+                    if side == FRONT:
+                        self.log.warning("reply to a producer that is gone dropped: %s", exc)
+                    else:  # EHOSTUNREACH thanks to ROUTER_MANDATORY: the consumer is gone
+                        name = frames[0].decode(errors="replace")
+                        if name in self.consumers:
+                            self._remove_consumer(name, f"unreachable ({exc})", now)
+                            self.dispatch(now)
+
+    def _send(self, side: str, identity: bytes, frames: list[bytes]) -> None:
+        self.outbox.append((side, [identity, proto.EMPTY, *frames]))
+
+    # -- frontend: producers and status clients ------------------------------------------------
+    def handle_frontend(self, frames: list[bytes], now: float) -> None:
+        """Handle one message from a REQ client; every request gets exactly one reply."""
+        try:
+            identity, body = proto.split_envelope(frames)
+        except ProtocolError as exc:
+            self.log.warning("frontend: dropped malformed envelope: %s", exc.reason)
+            return
+        try:
+            message = proto.decode(body)
+            handler = {
+                Command.HELLO: self._hello_producer,
+                Command.PUT: self._put,
+                Command.HEARTBEAT: self._heartbeat_producer,
+                Command.BYE: self._bye_producer,
+                Command.STATS: self._stats,
+            }.get(message.command)
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
+                                    f"{message.command.name} is not a producer command")
+            reply = handler(identity, message, now)
+        except ProtocolError as exc:
+            reply = proto.encode_err(exc.code, exc.reason)
+        except Exception as exc:  # keep serving; the client learns something went wrong
+            self.log.exception("frontend: internal error")
+            reply = proto.encode_err(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        self._send(FRONT, identity, reply)
+
+    def _hello_producer(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
+        name = proto.require(message.header, "name", str)
+        role = message.header.get("role", "producer")
+        if role != "producer" or not name:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                "the frontend registers producers: HELLO needs role 'producer' "
+                                "and a non-empty name")
+        if identity not in self.producers:
+            self.log.info("producer registered name=%s", name)
+        self.producers[identity] = ProducerState(name=name, last_seen=now)
+        self._producer_names.add(name)
+        return proto.encode(Command.WELCOME, self._welcome())
+
+    def _welcome(self) -> dict[str, Any]:
+        return {"partitions": self.config.partitions, "heartbeat_ms": self.config.heartbeat_ms,
+                "liveness": self.config.liveness, "ready": self._not_ready() is None}
+
+    def _registered_producer(self, identity: bytes, now: float) -> ProducerState:
+        state = self.producers.get(identity)
+        if state is None:
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, "say HELLO before sending records")
+        state.last_seen = now
+        return state
+
+    def _heartbeat_producer(self, identity: bytes, message: proto.Message,
+                            now: float) -> list[bytes]:
+        self._registered_producer(identity, now)
+        return proto.encode(Command.HEARTBEAT)
+
+    def _bye_producer(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
+        state = self.producers.pop(identity, None)
+        if state is not None:
+            self.log.info("producer left name=%s", state.name)
+        return proto.encode(Command.BYE)
+
+    def _not_ready(self) -> str | None:
+        missing_p = self.config.expect_producers - len(self._producer_names)
+        missing_c = self.config.expect_consumers - len(self._consumer_names)
+        if missing_p <= 0 and missing_c <= 0:
+            return None
+        return (f"waiting for {max(missing_p, 0)} more producer(s) and {max(missing_c, 0)} more "
+                "consumer(s) to register")
+
+    def _put(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
+        producer = self._registered_producer(identity, now)
+        waiting = self._not_ready()
+        if waiting is not None:
+            raise ProtocolError(ErrorCode.NOT_READY, waiting)
+        metas = proto.require(message.header, "records", list)
+        payloads = message.payloads
+        if len(metas) != len(payloads):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                f"{len(metas)} record headers but {len(payloads)} payload frames")
+        acks: list[list[Any]] = []
+        errors: list[list[Any]] = []
+        for index, (meta, payload) in enumerate(zip(metas, payloads, strict=True)):
+            try:
+                acks.append([index, *self._append(meta, payload, producer.name)])
+            except ProtocolError as exc:
+                code = ErrorCode(exc.code)
+                errors.append([index, code.value, exc.reason, code in proto.RETRYABLE])
+        producer.records += len(acks)
+        self.counters["put"] += len(acks)
+        self.counters["refused"] += len(errors)
+        return proto.encode(Command.ACK, {"acks": acks, "errors": errors})
+
+    def _append(self, meta: Any, payload: bytes, producer: str) -> tuple[int, int, bool]:
+        """Store one record; (partition, offset, duplicate) or ProtocolError for this record."""
+        if not (isinstance(meta, list) and len(meta) == 3):
+            raise ProtocolError(ErrorCode.INVALID_RECORD,
+                                "record header must be [id, key, created_at]")
+        record_id, key, created_at = meta
+        if not isinstance(record_id, str) or not 0 < len(record_id) <= MAX_ID_CHARS:
+            raise ProtocolError(ErrorCode.INVALID_RECORD,
+                                f"id must be a string of 1 to {MAX_ID_CHARS} characters")
+        if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_CHARS):
+            raise ProtocolError(ErrorCode.INVALID_RECORD,
+                                f"key must be null or a string of at most {MAX_KEY_CHARS} chars")
+        if not isinstance(created_at, int | float) or isinstance(created_at, bool):
+            raise ProtocolError(ErrorCode.INVALID_RECORD, "created_at must be a number (Unix time)")
+        known = self._held.get(record_id) or self._recent.get(record_id)
+        if known is not None:  # an idempotent retry: answer with the original position
+            self.counters["duplicates"] += 1
+            return known[0], known[1], True
+        if len(payload) > self.config.max_payload_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds "
+                                f"{self.config.max_payload_bytes}")
+        try:
+            is_object = payload[:1] == b"{" and isinstance(json.loads(payload), dict)
+        except (ValueError, UnicodeDecodeError):
+            is_object = False
+        if not is_object:
+            raise ProtocolError(ErrorCode.INVALID_RECORD, "payload must be a JSON object")
+        entry = Entry(record_id, key, producer, float(created_at), payload)
+        count = len(self.partitions)
+        if key is not None:
+            candidates = [zlib.crc32(key.encode()) % count]
+        else:  # keyless records may go to any partition: skip full ones before refusing
+            start = self._round_robin
+            self._round_robin = (start + 1) % count
+            candidates = [(start + i) % count for i in range(count)]
+        for number in candidates:
+            offset = self.partitions[number].append(entry)
+            if offset is not None:
+                self._held[record_id] = (number, offset)
+                return number, offset, False
+        where = f"partition {candidates[0]}" if key is not None else "every partition"
+        raise ProtocolError(ErrorCode.PARTITION_FULL,
+                            f"{where} is full ({self.config.capacity} records); retry later")
+
+    def _stats(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
+        return proto.encode(Command.STATS, self.snapshot(now))
+
+    # -- backend: consumers ----------------------------------------------------------------------
+    def handle_backend(self, frames: list[bytes], now: float) -> None:
+        try:
+            identity, body = proto.split_envelope(frames)
+        except ProtocolError as exc:
+            self.log.warning("backend: dropped malformed envelope: %s", exc.reason)
+            return
+        try:
+            name = identity.decode()
+        except UnicodeDecodeError:
+            self._send(BACK, identity, proto.encode_err(ErrorCode.BAD_MESSAGE,
+                                                        "consumer identity must be UTF-8 text"))
+            return
+        try:
+            message = proto.decode(body)
+            if message.command is Command.HELLO:
+                self._hello_consumer(name, message, now)
+                return
+            state = self.consumers.get(name)
+            if state is None:
+                raise ProtocolError(ErrorCode.NOT_REGISTERED, "say HELLO before anything else")
+            state.last_seen = now
+            if message.command is Command.FETCH:
+                credit = proto.require(message.header, "credit", int)
+                if credit < 0:
+                    raise ProtocolError(ErrorCode.BAD_MESSAGE, "credit must be >= 0")
+                state.credit = credit
+            elif message.command is Command.ACK:
+                self._ack(state, message)
+            elif message.command is Command.HEARTBEAT:
+                pass
+            elif message.command is Command.BYE:
+                self._remove_consumer(name, "said BYE", now)
+            else:
+                raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
+                                    f"{message.command.name} is not a consumer command")
+        except ProtocolError as exc:
+            self._send(BACK, identity, proto.encode_err(exc.code, exc.reason))
+        except Exception as exc:
+            self.log.exception("backend: internal error")
+            self._send(BACK, identity, proto.encode_err(ErrorCode.INTERNAL,
+                                                        f"{type(exc).__name__}: {exc}"))
+
+    def _hello_consumer(self, name: str, message: proto.Message, now: float) -> None:
+        if message.header.get("role", "consumer") != "consumer":
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "the backend registers consumers only")
+        if name in self.consumers:  # it restarted or lost us: what it held is released first
+            self._remove_consumer(name, "registered again", now, rebalance=False)
+        self.consumers[name] = ConsumerState(name=name, registered_at=now, last_seen=now)
+        self._consumer_names.add(name)
+        self.log.info("consumer registered name=%s", name)
+        self._send(BACK, name.encode(), proto.encode(Command.WELCOME, self._welcome()))
+        self._rebalance()
+
+    def _ack(self, state: ConsumerState, message: proto.Message) -> None:
+        number = proto.require(message.header, "partition", int)
+        epoch = proto.require(message.header, "epoch", int)
+        offsets = proto.require(message.header, "offsets", list)
+        if not 0 <= number < len(self.partitions):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be integers")
+        removed = self.partitions[number].ack(state.name, epoch, offsets)
+        state.acked += len(offsets)
+        self.counters["acked"] += len(offsets)
+        held, recent, window = self._held, self._recent, self.config.dedupe_window
+        for entry in removed:
+            position = held.pop(entry.id, None)
+            if position is not None and window:
+                recent[entry.id] = position
+        while len(recent) > window:
+            recent.popitem(last=False)
+
+    def _remove_consumer(self, name: str, why: str, now: float, *, rebalance: bool = True) -> None:
+        state = self.consumers.pop(name, None)
+        if state is None:
+            return
+        self.log.info("consumer left name=%s reason=%s", name, why)
+        targets = round_robin(len(self.partitions), list(self.consumers)) if self.consumers else {}
+        for partition in self.partitions:
+            if partition.owner == name or partition.target == name:
+                partition.want_owner(targets.get(partition.number))
+                if partition.owner == name:
+                    released = partition.owner_gone()
+                    self.counters["released"] += released
+                    if released:
+                        self.log.info("released records partition=%d count=%d",
+                                      partition.number, released)
+        if rebalance:
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        targets = (round_robin(len(self.partitions), list(self.consumers))
+                   if self.consumers else {})
+        for partition in self.partitions:
+            partition.want_owner(targets.get(partition.number))
+        for name, state in self.consumers.items():
+            assigned = sorted(p for p, c in targets.items() if c == name)
+            if assigned != state.assigned:
+                state.assigned = assigned
+                self.log.info("assignment consumer=%s partitions=%s", name,
+                              [p + 1 for p in assigned])
+                self._send(BACK, name.encode(),
+                           proto.encode(Command.ASSIGN, {"partitions": assigned}))
+
+    # -- delivery ----------------------------------------------------------------------------
+    def dispatch(self, now: float) -> None:
+        """Hand pending records to owners that have credit, one RECORDS message per batch."""
+        max_batch = self.config.max_batch
+        for state in self.consumers.values():
+            owned = [p for p in self.partitions if p.owner == state.name]
+            if not owned:
+                continue
+            available = state.credit - sum(p.inflight for p in owned)
+            ready = [p for p in owned if not p.draining and p.pending]
+            if available <= 0 or not ready:
+                continue
+            start = state.next_partition % len(ready)
+            state.next_partition += 1
+            for partition in ready[start:] + ready[:start]:
+                batch = partition.take(min(available, max_batch))
+                if not batch:
+                    continue
+                available -= len(batch)
+                self._send_records(state, partition, batch)
+                if available <= 0:
+                    break
+
+    def _send_records(self, state: ConsumerState, partition: Partition,
+                      batch: list[tuple[int, Entry]]) -> None:
+        metas = [[o, e.id, e.key, e.producer, e.created_at, e.attempt] for o, e in batch]
+        header = {"partition": partition.number, "epoch": partition.epoch, "records": metas}
+        state.delivered += len(batch)
+        self.counters["delivered"] += len(batch)
+        self._send(BACK, state.name.encode(),
+                   proto.encode(Command.RECORDS, header, [e.payload for _, e in batch]))
+
+    # -- timers ------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Expire silent consumers and producers; send heartbeats."""
+        expiry = self.config.expiry_s
+        for name, state in list(self.consumers.items()):
+            if now - state.last_seen > expiry:
+                self.counters["expired"] += 1
+                silent = now - state.last_seen
+                self._remove_consumer(name, f"expired: silent for {silent:.1f} s", now)
+        for identity, producer in list(self.producers.items()):
+            if now - producer.last_seen > self.config.producer_idle_s:
+                del self.producers[identity]
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_ms / 1000
+            for name in self.consumers:
+                self._send(BACK, name.encode(), proto.encode(Command.HEARTBEAT))
+
+    # -- status ------------------------------------------------------------------------------
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """Status of every partition, consumer and producer; called on the broker thread."""
+        now = self.clock() if now is None else now
+        partitions = [p.snapshot() for p in self.partitions]
+        consumers = []
+        for name in sorted(self.consumers, key=consumer_order):
+            state = self.consumers[name]
+            consumers.append({
+                "name": name, "partitions": state.assigned, "credit": state.credit,
+                "inflight": sum(p["inflight"] for p in partitions if p["owner"] == name),
+                "delivered": state.delivered, "acked": state.acked,
+                "last_seen_s": round(now - state.last_seen, 3),
+            })
+        producers = [{"name": p.name, "records": p.records,
+                      "last_seen_s": round(now - p.last_seen, 3)}
+                     for p in sorted(self.producers.values(), key=lambda p: p.name)]
+        return {
+            "uptime_s": round(now - self.started_at, 3),
+            "ready": self._not_ready() is None,
+            "waiting": self._not_ready(),
+            "partitions": partitions, "consumers": consumers, "producers": producers,
+            "counters": dict(self.counters),
+            "held_ids": len(self._held),
+        }

@@ -1,0 +1,134 @@
+"""Frozen, validated configuration for each node.
+
+The CLI builds these from options and tests build them with ``inproc://`` endpoints; each is
+checked once, at construction, so a node never starts with a value that cannot work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zmqlab.errors import ConfigError
+
+DEFAULT_FRONTEND = "tcp://*:5555"
+DEFAULT_BACKEND = "tcp://*:5556"
+DEFAULT_DB_URL = "sqlite:///zmqlab.db"
+MAX_PAYLOAD_BYTES = 1_048_576
+
+
+def _positive(name: str, value: int | float, minimum: int | float = 1) -> None:
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _endpoint(name: str, value: str) -> None:
+    if "://" not in value:
+        raise ConfigError(f"{name} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, "
+                          f"got {value!r}")
+
+
+def connect_address(bind: str) -> str:
+    """The address to connect to for a bind address (``tcp://*:5555`` -> ``tcp://127.0.0.1:5555``)."""
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if bind.startswith(wildcard):
+            return "tcp://127.0.0.1:" + bind[len(wildcard):]
+    return bind
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = DEFAULT_BACKEND
+    partitions: int = 6
+    capacity: int = 10_000
+    heartbeat_ms: int = 1000
+    liveness: int = 3
+    expect_producers: int = 0
+    expect_consumers: int = 0
+    max_batch: int = 500  # records per RECORDS message
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    dedupe_window: int = 100_000  # acknowledged ids remembered for idempotent retries
+    producer_idle_s: float = 60.0  # forget a silent producer registration after this
+    tick_ms: int = 100
+
+    def __post_init__(self) -> None:
+        _endpoint("frontend", self.frontend)
+        _endpoint("backend", self.backend)
+        _positive("partitions", self.partitions)
+        _positive("capacity", self.capacity)
+        _positive("heartbeat_ms", self.heartbeat_ms, 10)
+        _positive("liveness", self.liveness)
+        _positive("expect_producers", self.expect_producers, 0)
+        _positive("expect_consumers", self.expect_consumers, 0)
+        _positive("max_batch", self.max_batch)
+        _positive("max_payload_bytes", self.max_payload_bytes, 2)
+        _positive("dedupe_window", self.dedupe_window, 0)
+        _positive("tick_ms", self.tick_ms)
+
+    @property
+    def expiry_s(self) -> float:
+        return self.heartbeat_ms * self.liveness / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerConfig:
+    """A producer service: an ingress for clients, one REQ socket to the broker."""
+
+    name: str
+    broker: str = "tcp://127.0.0.1:5555"
+    ingress: str | None = None  # e.g. tcp://*:8080; None for an embedded forwarder
+    timeout_ms: int = 2500
+    retries: int = 3
+    heartbeat_ms: int = 1000
+    max_batch: int = 1000  # records per PUT to the broker
+    tick_ms: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("producer name must not be empty")
+        _endpoint("broker", self.broker)
+        if self.ingress is not None:
+            _endpoint("ingress", self.ingress)
+        _positive("timeout_ms", self.timeout_ms, 10)
+        _positive("retries", self.retries, 0)
+        _positive("heartbeat_ms", self.heartbeat_ms, 10)
+        _positive("max_batch", self.max_batch)
+        _positive("tick_ms", self.tick_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    """A consumer: a DEALER identified by its port, a status endpoint, a database sink."""
+
+    name: str  # the DEALER identity; the CLI uses the port ("9090")
+    broker: str = "tcp://127.0.0.1:5556"
+    status: str | None = None  # e.g. tcp://*:9090
+    db_url: str = DEFAULT_DB_URL
+    credit: int = 2000  # records this consumer may hold at once (prefetch window)
+    heartbeat_ms: int = 1000
+    liveness: int = 3
+    max_attempts: int = 5  # deliveries before a failing record goes to dead letters
+    retry_initial_s: float = 0.1  # database retry backoff
+    retry_max_s: float = 5.0
+    drain_timeout_s: float = 10.0  # on stop: finish in-flight work for at most this long
+    tick_ms: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name.encode()) > 255:
+            raise ConfigError("consumer name must be 1 to 255 bytes (it is the socket identity)")
+        _endpoint("broker", self.broker)
+        if self.status is not None:
+            _endpoint("status", self.status)
+        if "://" not in self.db_url:
+            raise ConfigError("db_url must be a SQLAlchemy URL like sqlite:///zmqlab.db, "
+                              f"got {self.db_url!r}")
+        _positive("credit", self.credit)
+        _positive("heartbeat_ms", self.heartbeat_ms, 10)
+        _positive("liveness", self.liveness)
+        _positive("max_attempts", self.max_attempts)
+        _positive("drain_timeout_s", self.drain_timeout_s, 0)
+        _positive("tick_ms", self.tick_ms)
+
+    @property
+    def expiry_s(self) -> float:
+        return self.heartbeat_ms * self.liveness / 1000

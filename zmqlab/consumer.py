@@ -1,0 +1,381 @@
+"""A consumer node: a DEALER identified by its port, a database worker, a status endpoint.
+
+The socket thread owns the DEALER, the heartbeats and the status ROUTER; database work runs on
+a worker thread fed through a ``queue.Queue`` and answering through an inproc PAIR doorbell, so
+a slow or stuck transaction never starves the heartbeats and the broker never declares a busy
+consumer dead. Records are acknowledged only after their transaction committed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from zmqlab import protocol as proto
+from zmqlab.config import ConsumerConfig
+from zmqlab.errors import ProtocolError, ZmqlabError
+from zmqlab.node import Node, bind, new_socket
+from zmqlab.protocol import Command, ErrorCode
+from zmqlab.store import Batch, Delivery, Sink
+
+MAX_RECORDS_PER_TRANSACTION = 5000
+
+
+@dataclass(slots=True)
+class Result:
+    """A batch the worker finished: every record stored, already there, or dead-lettered."""
+
+    batch: Batch
+    inserted: int
+    duplicates: int
+    dead: int
+
+
+class Consumer(Node):
+    kind = "consumer"
+
+    def __init__(self, config: ConsumerConfig, *, context: zmq.Context[Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sink_factory: Callable[[], Sink] | None = None) -> None:
+        super().__init__(context)
+        self.config = config
+        self.clock = clock
+        self.sink_factory = sink_factory or (
+            lambda: Sink.open(config.db_url, config.name, config.max_attempts))
+        self._jobs: queue.Queue[Batch | None] = queue.Queue()
+        self._results: queue.Queue[Result | SinkHealth] = queue.Queue()
+        self._bell_endpoint = f"inproc://zmqlab-consumer-bell-{uuid.uuid4().hex}"
+        self._stopping = threading.Event()
+        # Socket-thread state (the worker never touches it).
+        self.session = 0
+        self.registered = False
+        self.assigned: list[int] = []
+        self.outstanding = 0  # batches handed to the worker and not yet finished
+        self.outstanding_records = 0
+        self.stats = {"received": 0, "inserted": 0, "duplicates": 0, "dead": 0, "acked": 0,
+                      "refused_acks": 0, "registrations": 0, "sink_errors": 0}
+        self.sink_error: str | None = None
+        self._dealer: zmq.Socket[Any] | None = None
+        self._last_heard = 0.0
+        self._worker_health: str | None = None  # the worker thread's own copy
+
+    # -- socket thread -----------------------------------------------------------------------
+    def serve(self, control: zmq.Socket[Any]) -> None:
+        bell = new_socket(self.context, zmq.PAIR)
+        bell.bind(self._bell_endpoint)
+        status = None
+        worker = threading.Thread(target=self._work, name=f"zmqlab-db-{self.config.name}",
+                                  daemon=True)
+        try:
+            if self.config.status is not None:
+                status = new_socket(self.context, zmq.ROUTER)
+                bind(status, self.config.status, f"consumer {self.config.name} status")
+            worker.start()
+            self._connect()
+            self.log.info("consumer %s connected to %s, database %s", self.config.name,
+                          self.config.broker, _safe_url(self.config.db_url))
+            self.bound()
+            self._loop(control, bell, status)
+            self._drain(bell)
+        finally:
+            self._stopping.set()
+            self._jobs.put(None)
+            worker.join(self.config.drain_timeout_s + 5)
+            if self._dealer is not None:
+                self._dealer.close(0)
+            if status is not None:
+                status.close(0)
+            bell.close(0)
+
+    def _connect(self) -> None:
+        """(Re)open the DEALER with our identity and say HELLO; the broker's HANDOVER lets the
+        new connection take over the identity from a dead one."""
+        if self._dealer is not None:
+            self._dealer.close(0)
+        self._dealer = new_socket(self.context, zmq.DEALER,
+                                  identity=self.config.name.encode(), sndhwm=0)
+        self._dealer.connect(self.config.broker)
+        self._hello()
+
+    def _hello(self) -> None:
+        self.registered = False
+        self.session += 1
+        self._last_heard = self.clock()
+        self._send(Command.HELLO, {"role": "consumer", "name": self.config.name})
+
+    def _send(self, command: Command, header: dict[str, Any] | None = None) -> None:
+        assert self._dealer is not None
+        try:
+            self._dealer.send_multipart([proto.EMPTY, *proto.encode(command, header)],
+                                        zmq.NOBLOCK)
+        except zmq.Again:  # no connection yet: heartbeats and re-registration recover
+            self.log.debug("send %s dropped: broker not connected", command.name)
+
+    def _loop(self, control: zmq.Socket[Any], bell: zmq.Socket[Any],
+              status: zmq.Socket[Any] | None) -> None:
+        tick_s = self.config.tick_ms / 1000
+        heartbeat_s = self.config.heartbeat_ms / 1000
+        next_heartbeat = self.clock() + heartbeat_s
+        while True:
+            poller = zmq.Poller()
+            assert self._dealer is not None
+            for sock in (control, bell, self._dealer, status):
+                if sock is not None:
+                    poller.register(sock, zmq.POLLIN)
+            events = dict(poller.poll(int(tick_s * 1000)))
+            if control in events:
+                control.recv()
+                return
+            if self._dealer in events:
+                self._read_broker()
+            if bell in events:
+                self._finish(bell)
+            if status is not None and status in events:
+                self._answer_status(status)
+            now = self.clock()
+            if now - self._last_heard > self.config.expiry_s:
+                self.log.warning("broker silent for %.1f s: reconnecting", now - self._last_heard)
+                self._connect()
+            if now >= next_heartbeat:
+                self._send(Command.HEARTBEAT)
+                next_heartbeat = now + heartbeat_s
+
+    def _read_broker(self) -> None:
+        assert self._dealer is not None
+        for _ in range(256):
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = self.clock()
+            try:
+                if not frames or frames[0] != proto.EMPTY:
+                    raise ProtocolError(ErrorCode.BAD_MESSAGE, "missing empty delimiter")
+                self._handle(proto.decode(frames[1:]))
+            except ProtocolError as exc:
+                self.log.warning("bad message from broker: %s", exc)
+
+    def _handle(self, message: proto.Message) -> None:
+        if message.command is Command.RECORDS:
+            self._accept(message)
+        elif message.command is Command.WELCOME:
+            self.registered = True
+            self.stats["registrations"] += 1
+            self.log.info("registered with broker (session %d)", self.session)
+            self._send(Command.FETCH, {"credit": self.config.credit})
+        elif message.command is Command.ASSIGN:
+            self.assigned = list(message.header.get("partitions", []))
+            self.log.info("assigned partitions %s", [p + 1 for p in self.assigned])
+        elif message.command is Command.ERR:
+            code, reason, _ = proto.error_of(message)
+            if code == ErrorCode.NOT_REGISTERED.value:
+                self.log.warning("broker does not know us (%s): registering again", reason)
+                self._hello()
+            else:
+                if code in (ErrorCode.STALE_EPOCH.value, ErrorCode.NOT_OWNER.value,
+                            ErrorCode.UNKNOWN_OFFSET.value):
+                    self.stats["refused_acks"] += 1
+                self.log.warning("broker refused: %s %s", code, reason)
+
+    def _accept(self, message: proto.Message) -> None:
+        header = message.header
+        number = proto.require(header, "partition", int)
+        epoch = proto.require(header, "epoch", int)
+        metas = proto.require(header, "records", list)
+        if len(metas) != len(message.payloads):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "RECORDS header and payloads differ")
+        deliveries = [Delivery(number, m[0], m[1], m[2], m[3], m[4], m[5], payload)
+                      for m, payload in zip(metas, message.payloads, strict=True)]
+        self.stats["received"] += len(deliveries)
+        self.outstanding += 1
+        self.outstanding_records += len(deliveries)
+        self._jobs.put(Batch(number, epoch, deliveries, self.session))
+
+    def _finish(self, bell: zmq.Socket[Any]) -> None:
+        """Acknowledge what the worker committed (only for the current registration)."""
+        while True:
+            try:
+                bell.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(result, SinkHealth):
+                self.sink_error = result.error
+                if result.error is None:
+                    self.log.info("database available again")
+                else:
+                    self.stats["sink_errors"] += 1
+                continue
+            batch = result.batch
+            self.outstanding -= 1
+            self.outstanding_records -= len(batch.deliveries)
+            for key, value in (("inserted", result.inserted), ("duplicates", result.duplicates),
+                               ("dead", result.dead)):
+                self.stats[key] += value
+            if batch.session != self.session:
+                continue  # released when we re-registered: the broker redelivers them
+            offsets = [d.offset for d in batch.deliveries]
+            self._send(Command.ACK, {"partition": batch.partition, "epoch": batch.epoch,
+                                     "offsets": offsets})
+            self.stats["acked"] += len(offsets)
+
+    def _drain(self, bell: zmq.Socket[Any]) -> None:
+        """Graceful stop: take nothing new, finish and ACK what we hold, then say BYE."""
+        self._send(Command.FETCH, {"credit": 0})
+        deadline = self.clock() + self.config.drain_timeout_s
+        poller = zmq.Poller()
+        assert self._dealer is not None
+        poller.register(bell, zmq.POLLIN)
+        poller.register(self._dealer, zmq.POLLIN)
+        while self.outstanding and self.clock() < deadline:
+            events = dict(poller.poll(100))
+            if self._dealer in events:
+                self._read_broker()
+            if bell in events:
+                self._finish(bell)
+        if self.outstanding:
+            self.log.warning("stopping with %d record(s) not stored: the broker redelivers them",
+                             self.outstanding_records)
+        self._send(Command.BYE)
+        self.log.info("consumer %s stopped: %s", self.config.name, self.stats)
+
+    def _answer_status(self, status: zmq.Socket[Any]) -> None:
+        for _ in range(64):
+            try:
+                frames = status.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                identity, body = proto.split_envelope(frames)
+            except ProtocolError:
+                continue
+            try:
+                message = proto.decode(body)
+                if message.command is not Command.STATS:
+                    raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, "a consumer answers STATS only")
+                reply = proto.encode(Command.STATS, self.snapshot())
+            except ProtocolError as exc:
+                reply = proto.encode_err(exc.code, exc.reason)
+            status.send_multipart([identity, proto.EMPTY, *reply])
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"name": self.config.name, "registered": self.registered,
+                "session": self.session, "partitions": self.assigned,
+                "inflight": self.outstanding_records, "broker": self.config.broker,
+                "database": _safe_url(self.config.db_url),
+                "last_heard_s": round(self.clock() - self._last_heard, 3),
+                "sink_error": self.sink_error, **self.stats}
+
+    # -- database worker thread ------------------------------------------------------------------
+    def _work(self) -> None:
+        bell = new_socket(self.context, zmq.PAIR)
+        bell.connect(self._bell_endpoint)
+        sink: Sink | None = None
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batches = [first]
+                count = len(first.deliveries)
+                while count < MAX_RECORDS_PER_TRANSACTION:
+                    try:
+                        more = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._jobs.put(None)
+                        break
+                    batches.append(more)
+                    count += len(more.deliveries)
+                sink = self._store(sink, batches, bell)
+        finally:
+            if sink is not None:
+                sink.close()
+            bell.close(0)
+
+    def _store(self, sink: Sink | None, batches: list[Batch], bell: zmq.Socket[Any]) -> Sink | None:
+        """Store until every record is settled; back off while the database is unavailable.
+
+        Gives up only when the node stops: unacknowledged records are then redelivered.
+        """
+        pending = [_Progress(b, list(b.deliveries)) for b in batches]
+        delay = self.config.retry_initial_s
+        while pending:
+            try:
+                if sink is None:
+                    sink = self.sink_factory()
+                outcomes = sink.store([Batch(p.batch.partition, p.batch.epoch, p.remaining,
+                                             p.batch.session) for p in pending])
+            except ZmqlabError as exc:  # SinkUnavailable, or a database that cannot be opened
+                held = sum(len(p.remaining) for p in pending)
+                self.log.warning("database unavailable, holding %d record(s), retry in %.1f s: %s",
+                                 held, delay, exc)
+                self._post(bell, SinkHealth(str(exc)))
+                if self._stopping.wait(delay):
+                    return sink
+                delay = min(delay * 2, self.config.retry_max_s)
+                continue
+            self._post(bell, SinkHealth(None))
+            still: list[_Progress] = []
+            for progress, outcome in zip(pending, outcomes, strict=True):
+                progress.inserted += outcome.inserted
+                progress.duplicates += outcome.duplicates
+                progress.dead += outcome.dead
+                progress.remaining = outcome.failed
+                if outcome.done:
+                    self._post(bell, Result(progress.batch, progress.inserted,
+                                            progress.duplicates, progress.dead))
+                else:
+                    still.append(progress)
+            pending = still
+            if pending:  # a record failed on its own: try it again after a pause
+                if self._stopping.wait(delay):
+                    return sink
+                delay = min(delay * 2, self.config.retry_max_s)
+        return sink
+
+    def _post(self, bell: zmq.Socket[Any], item: Result | SinkHealth) -> None:
+        if isinstance(item, SinkHealth):  # only changes of health travel
+            if item.error == self._worker_health:
+                return
+            self._worker_health = item.error
+        self._results.put(item)
+        bell.send(b"")
+
+
+@dataclass(slots=True)
+class _Progress:
+    batch: Batch
+    remaining: list[Delivery]
+    inserted: int = 0
+    duplicates: int = 0
+    dead: int = 0
+
+
+@dataclass(slots=True)
+class SinkHealth:
+    """The worker's word on the database: an error text, or None once it works again."""
+
+    error: str | None
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for logs and status."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]

@@ -1,0 +1,105 @@
+"""What every node shares: its own thread, a control pipe to stop it, and socket helpers.
+
+A node creates its sockets inside ``run()`` on its own thread (sockets never cross threads);
+``stop()`` may be called from any thread because it talks to the node through an ``inproc``
+PUSH/PULL control pipe that the node polls with its other sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+import zmq
+
+from zmqlab.errors import ZmqlabError
+
+STOP = b"STOP"
+
+
+def new_socket(context: zmq.Context[Any], kind: int, **options: Any) -> zmq.Socket[Any]:
+    """A socket with ``linger=0`` (a node that stops never blocks on unsent messages)."""
+    sock: zmq.Socket[Any] = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name.upper()), value)
+    return sock
+
+
+def bind(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ZmqlabError(f"cannot bind {what} on {endpoint}: {exc}") from None
+
+
+class Node:
+    """Thread plumbing: ``start()``/``stop()`` around a subclass's ``serve(control)``."""
+
+    kind = "node"
+
+    def __init__(self, context: zmq.Context[Any] | None) -> None:
+        self.context: zmq.Context[Any] = context or zmq.Context.instance()
+        self._control_endpoint = f"inproc://zmqlab-control-{uuid.uuid4().hex}"
+        self._bound = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.log = logging.getLogger(f"zmqlab.{self.kind}")
+
+    def serve(self, control: zmq.Socket[Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bound(self) -> None:
+        """Called by ``serve`` once its sockets are bound, so ``start`` can return."""
+        self._bound.set()
+
+    def run(self) -> None:
+        """Run the node's loop in the calling thread until ``stop()``."""
+        control = new_socket(self.context, zmq.PULL)
+        control.bind(self._control_endpoint)
+        try:
+            self.serve(control)
+        finally:
+            control.close(0)
+
+    def _main(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # reported by start()/join(), logged for the CLI
+            self.error = exc
+            if not isinstance(exc, ZmqlabError):
+                self.log.exception("%s stopped by an unexpected error", self.kind)
+        finally:
+            self._bound.set()
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the node on its own thread; return once it listens (or raise why it can't)."""
+        self._thread = threading.Thread(target=self._main, name=f"zmqlab-{self.kind}", daemon=True)
+        self._thread.start()
+        if not self._bound.wait(timeout_s):
+            raise ZmqlabError(f"{self.kind} did not start within {timeout_s} s")
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Ask the loop to stop and wait for its thread (if it was started with ``start``)."""
+        if self._thread is not None and not self._thread.is_alive():
+            return
+        pipe = new_socket(self.context, zmq.PUSH)
+        pipe.setsockopt(zmq.LINGER, 1000)
+        pipe.connect(self._control_endpoint)
+        pipe.send(STOP)
+        pipe.close()
+        self.join(timeout_s)
+
+    def join(self, timeout_s: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise ZmqlabError(f"{self.kind} did not stop within {timeout_s} s")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()

@@ -1,0 +1,466 @@
+"""Producers: the ``Producer`` client (REQ, Lazy Pirate) and the producer service node.
+
+The client talks the same PUT/ACK protocol to the broker's frontend or to a producer service's
+ingress. It retries a silent endpoint by closing and reopening its REQ socket a bounded number
+of times (the Guide's Lazy Pirate), and backs off and retries records refused with a retryable
+code (a full partition, a broker not ready yet) until its deadline. Record ids are fixed before
+the first try, so a retry after a lost reply is recognised by the broker as a duplicate instead
+of being queued twice.
+
+The producer service binds an ingress ROUTER for clients and forwards through one REQ socket:
+everything that arrives while a batch is at the broker goes out as the next batch, so REQ's
+lockstep becomes group commit, and each client is answered once the broker acknowledged its
+records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zmqlab import protocol as proto
+from zmqlab.config import ProducerConfig
+from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ProtocolError
+from zmqlab.node import Node, bind, new_socket
+from zmqlab.protocol import Command, ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A record ready to send: its payload is encoded JSON, its id fixed for retries."""
+
+    payload: bytes
+    id: str
+    key: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Where the queue holds a record; ``duplicate`` when an earlier try already stored it."""
+
+    id: str
+    partition: int
+    offset: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    id: str
+    code: str
+    reason: str
+    retryable: bool
+
+
+class RecordsRefused(BrokerRejected):
+    """Some records were refused for good (or still refused at the deadline)."""
+
+    def __init__(self, refusals: list[Refusal], acks: list[Ack]) -> None:
+        first = refusals[0]
+        more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+        super().__init__(first.code, f"record {first.id}: {first.reason}{more}",
+                         retryable=first.retryable)
+        self.refusals = refusals
+        self.acks = acks
+
+
+def make_record(payload: Mapping[str, Any] | bytes | str, *, key: str | None = None,
+                id: str | None = None, created_at: float | None = None) -> OutRecord:
+    """Encode a payload (a JSON object, or its text) and give the record its id and time."""
+    if isinstance(payload, Mapping):
+        data = json.dumps(payload, separators=(",", ":")).encode()
+    elif isinstance(payload, str):
+        data = payload.encode()
+    elif isinstance(payload, bytes):
+        data = payload
+    else:
+        raise ConfigError(f"payload must be a JSON object, got {type(payload).__name__}")
+    return OutRecord(data, id or uuid.uuid4().hex, key,
+                     time.time() if created_at is None else created_at)
+
+
+def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
+    metas = [[r.id, r.key, r.created_at] for r in records]
+    return proto.encode(Command.PUT, {"records": metas}, [r.payload for r in records])
+
+
+class Producer:
+    """A blocking client for the broker's frontend or a producer service's ingress."""
+
+    def __init__(self, endpoint: str, *, name: str | None = None,
+                 context: zmq.Context[Any] | None = None, timeout_ms: int = 2500,
+                 retries: int = 3, deadline_s: float = 30.0, backoff_initial_s: float = 0.01,
+                 backoff_max_s: float = 0.5) -> None:
+        if "://" not in endpoint:
+            raise ConfigError(f"endpoint must look like tcp://127.0.0.1:8080, got {endpoint!r}")
+        self.endpoint = endpoint
+        self.name = name or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.context: zmq.Context[Any] = context or zmq.Context.instance()
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self.deadline_s = deadline_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._sock: zmq.Socket[Any] | None = None
+        self._poller = zmq.Poller()
+        self._registered = False
+        self.stats = {"sent": 0, "acked": 0, "duplicates": 0, "reconnects": 0,
+                      "backpressure_retries": 0, "refused": 0}
+        self.partitions: int | None = None
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._poller.unregister(self._sock)
+            self._sock.close(0)
+            self._sock = None
+
+    # -- Lazy Pirate -------------------------------------------------------------------------
+    def _exchange(self, frames: list[bytes]) -> proto.Message | None:
+        if self._sock is None:
+            self._sock = new_socket(self.context, zmq.REQ)
+            self._sock.connect(self.endpoint)
+            self._poller.register(self._sock, zmq.POLLIN)
+            self._registered = False
+        self._sock.send_multipart(frames)
+        if self._poller.poll(self.timeout_ms):
+            return proto.decode(self._sock.recv_multipart())
+        self.close()  # a REQ that lost its reply is stuck: a new socket is the only way out
+        self.stats["reconnects"] += 1
+        return None
+
+    def request(self, frames: list[bytes], *, register: bool = True) -> proto.Message:
+        """One request, retried on silence; registers (HELLO) first where needed."""
+        for _ in range(self.retries + 1):
+            if register and not self._registered:
+                welcome = self._exchange(proto.encode(Command.HELLO,
+                                                      {"role": "producer", "name": self.name}))
+                if welcome is None:
+                    continue
+                if welcome.command is Command.ERR:
+                    raise BrokerRejected(*proto.error_of(welcome)[:2])
+                self._registered = True
+                self.partitions = welcome.header.get("partitions")
+            reply = self._exchange(frames)
+            if reply is None:
+                continue
+            if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
+                self._registered = False  # the broker restarted or forgot us: HELLO again
+                continue
+            return reply
+        raise BrokerUnavailable(f"no answer from {self.endpoint} after {self.retries + 1} "
+                                f"tries of {self.timeout_ms} ms")
+
+    # -- records -------------------------------------------------------------------------------
+    def send(self, payload: Mapping[str, Any] | bytes | str, *, key: str | None = None,
+             id: str | None = None) -> Ack:
+        return self.send_batch([make_record(payload, key=key, id=id)])[0]
+
+    def send_batch(self, records: Sequence[OutRecord],
+                   sleep: Callable[[float], None] = time.sleep) -> list[Ack]:
+        """Send records; return an Ack per record, in order.
+
+        Records refused with a retryable code are retried with exponential backoff until
+        ``deadline_s``; a refusal that is final (or outlives the deadline) raises
+        RecordsRefused carrying the acks of the records that did get in.
+        """
+        deadline = time.monotonic() + self.deadline_s
+        acks: dict[int, Ack] = {}
+        refusals: list[Refusal] = []
+        todo = list(range(len(records)))
+        delay = self.backoff_initial_s
+        self.stats["sent"] += len(records)
+        while todo:
+            reply = self.request(encode_put([records[i] for i in todo]))
+            retry: list[int] = []
+            if reply.command is Command.ERR:
+                code, reason, retryable = proto.error_of(reply)
+                outcome = [(i, code, reason, retryable) for i in todo]
+            elif reply.command is Command.ACK:
+                for index, partition, offset, duplicate in reply.header.get("acks", []):
+                    i = todo[index]
+                    acks[i] = Ack(records[i].id, partition, offset, bool(duplicate))
+                    self.stats["duplicates"] += bool(duplicate)
+                outcome = [(todo[e[0]], e[1], e[2], bool(e[3]))
+                           for e in reply.header.get("errors", [])]
+            else:
+                raise BrokerRejected(ErrorCode.BAD_MESSAGE.value,
+                                     f"unexpected reply {reply.command.name} to PUT")
+            for i, code, reason, retryable in outcome:
+                if retryable and time.monotonic() + delay < deadline:
+                    retry.append(i)
+                else:
+                    why = reason if not retryable else f"{reason} (still refused at the deadline)"
+                    refusals.append(Refusal(records[i].id, code, why, retryable))
+            todo = sorted(retry)
+            if todo:
+                self.stats["backpressure_retries"] += len(todo)
+                sleep(delay)  # backoff between tries, not synchronisation
+                delay = min(delay * 2, self.backoff_max_s)
+        self.stats["acked"] += len(acks)
+        if refusals:
+            self.stats["refused"] += len(refusals)
+            raise RecordsRefused(refusals, [acks[i] for i in sorted(acks)])
+        return [acks[i] for i in range(len(records))]
+
+    def status(self) -> dict[str, Any]:
+        """The STATS snapshot of whatever this client talks to."""
+        reply = self.request(proto.encode(Command.STATS), register=False)
+        if reply.command is not Command.STATS:
+            raise BrokerRejected(*proto.error_of(reply)[:2])
+        return reply.header
+
+
+# -- the producer service ----------------------------------------------------------------------
+@dataclass
+class _ClientPut:
+    client: bytes
+    metas: list[Any]
+    payloads: tuple[bytes, ...]
+
+
+@dataclass
+class _InFlight:
+    puts: list[_ClientPut]
+    frames: list[bytes]
+    tries: int = 0
+
+
+@dataclass
+class _Upstream:
+    """The REQ conversation with the broker: what we wait for, since when."""
+
+    awaiting: str | None = None  # "hello", "put", "heartbeat"
+    sent_at: float = 0.0
+    registered: bool = False
+    batch: _InFlight | None = None
+    pending: list[_ClientPut] = field(default_factory=list)
+
+
+class ProducerService(Node):
+    """Ingress for clients, one REQ upstream with Lazy Pirate retries and heartbeats."""
+
+    kind = "producer"
+
+    def __init__(self, config: ProducerConfig, *, context: zmq.Context[Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(context)
+        self.config = config
+        self.clock = clock
+        self.up = _Upstream()
+        self.partitions: int | None = None
+        self.stats = {"received": 0, "acked": 0, "refused": 0, "batches": 0, "reconnects": 0,
+                      "unavailable": 0}
+        self._req: zmq.Socket[Any] | None = None
+        self._last_reply = 0.0
+
+    def serve(self, control: zmq.Socket[Any]) -> None:
+        ingress = None
+        try:
+            if self.config.ingress is not None:
+                ingress = new_socket(self.context, zmq.ROUTER, sndhwm=0)
+                bind(ingress, self.config.ingress, f"producer {self.config.name} ingress")
+            self._connect()
+            self.log.info("producer %s ingress=%s broker=%s", self.config.name,
+                          self.config.ingress, self.config.broker)
+            self.bound()
+            self._loop(control, ingress)
+        finally:
+            if self._req is not None:
+                self._req.close(0)
+            if ingress is not None:
+                ingress.close(0)
+
+    def _connect(self) -> None:
+        if self._req is not None:
+            self._req.close(0)
+        self._req = new_socket(self.context, zmq.REQ)
+        self._req.connect(self.config.broker)
+        self.up.registered = False
+        self._upstream(proto.encode(Command.HELLO, {"role": "producer", "name": self.config.name}),
+                       "hello")
+
+    def _upstream(self, frames: list[bytes], awaiting: str) -> None:
+        assert self._req is not None
+        self._req.send_multipart(frames)
+        self.up.awaiting = awaiting
+        self.up.sent_at = self.clock()
+
+    def _loop(self, control: zmq.Socket[Any], ingress: zmq.Socket[Any] | None) -> None:
+        while True:
+            poller = zmq.Poller()
+            assert self._req is not None
+            for sock in (control, ingress, self._req):
+                if sock is not None:
+                    poller.register(sock, zmq.POLLIN)
+            events = dict(poller.poll(self.config.tick_ms))
+            if control in events:
+                return
+            if ingress is not None and ingress in events:
+                self._read_clients(ingress)
+            if self._req in events:
+                reply = self._req.recv_multipart()
+                self._handle_upstream(reply, ingress)
+            self._tick(self.clock(), ingress)
+
+    # -- clients -----------------------------------------------------------------------------
+    def _read_clients(self, ingress: zmq.Socket[Any]) -> None:
+        for _ in range(256):
+            try:
+                frames = ingress.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                client, body = proto.split_envelope(frames)
+            except ProtocolError:
+                continue
+            try:
+                reply = self._client_message(client, proto.decode(body))
+            except ProtocolError as exc:
+                reply = proto.encode_err(exc.code, exc.reason)
+            if reply is not None:
+                ingress.send_multipart([client, proto.EMPTY, *reply])
+
+    def _client_message(self, client: bytes, message: proto.Message) -> list[bytes] | None:
+        command = message.command
+        if command is Command.PUT:
+            metas = proto.require(message.header, "records", list)
+            if len(metas) != len(message.payloads):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{len(metas)} record headers but "
+                                    f"{len(message.payloads)} payload frames")
+            if not metas:
+                return proto.encode(Command.ACK, {"acks": [], "errors": []})
+            self.stats["received"] += len(metas)
+            self.up.pending.append(_ClientPut(client, metas, message.payloads))
+            return None  # answered when the broker acknowledges
+        if command is Command.HELLO:
+            return proto.encode(Command.WELCOME, {"name": self.config.name,
+                                                  "partitions": self.partitions,
+                                                  "broker": self.up.registered})
+        if command is Command.STATS:
+            return proto.encode(Command.STATS, self.snapshot())
+        if command in (Command.HEARTBEAT, Command.BYE):
+            return proto.encode(command)
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"{command.name} is not a client command")
+
+    # -- upstream ------------------------------------------------------------------------------
+    def _handle_upstream(self, frames: list[bytes], ingress: zmq.Socket[Any] | None) -> None:
+        awaiting, self.up.awaiting = self.up.awaiting, None
+        self._last_reply = self.clock()
+        try:
+            reply = proto.decode(frames)
+        except ProtocolError as exc:
+            reply = proto.Message(Command.ERR, {"code": exc.code, "reason": exc.reason})
+        if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
+            self.up.registered = False
+            self._upstream(proto.encode(Command.HELLO, {"role": "producer",
+                                                        "name": self.config.name}), "hello")
+            return
+        if awaiting == "hello":
+            if reply.command is Command.WELCOME:
+                self.up.registered = True
+                self.partitions = reply.header.get("partitions")
+                self.log.info("producer %s registered with broker", self.config.name)
+            else:
+                self.log.warning("broker refused registration: %s", reply.header)
+        elif awaiting == "put" and self.up.batch is not None:
+            batch, self.up.batch = self.up.batch, None
+            self._answer(batch, reply, ingress)
+
+    def _answer(self, batch: _InFlight, reply: proto.Message,
+                ingress: zmq.Socket[Any] | None) -> None:
+        """Split the broker's answer to a combined batch back into one answer per client."""
+        replies: list[list[bytes]]
+        if reply.command is Command.ACK:
+            starts: list[int] = []
+            owner: list[int] = []
+            for n, put in enumerate(batch.puts):
+                starts.append(len(owner))
+                owner.extend([n] * len(put.metas))
+            acks: list[list[Any]] = [[] for _ in batch.puts]
+            errors: list[list[Any]] = [[] for _ in batch.puts]
+            for entry in reply.header.get("acks", []):
+                n = owner[entry[0]]
+                acks[n].append([entry[0] - starts[n], *entry[1:]])
+            for entry in reply.header.get("errors", []):
+                n = owner[entry[0]]
+                errors[n].append([entry[0] - starts[n], *entry[1:]])
+            self.stats["acked"] += sum(map(len, acks))
+            self.stats["refused"] += sum(map(len, errors))
+            replies = [proto.encode(Command.ACK, {"acks": a, "errors": e})
+                       for a, e in zip(acks, errors, strict=True)]
+        else:
+            error = proto.encode_err(*proto.error_of(reply)[:2]) if reply.command is Command.ERR \
+                else proto.encode_err(ErrorCode.INTERNAL, f"broker answered {reply.command.name}")
+            replies = [error] * len(batch.puts)
+        if ingress is not None:
+            for put, frames in zip(batch.puts, replies, strict=True):
+                ingress.send_multipart([put.client, proto.EMPTY, *frames])
+
+    def _tick(self, now: float, ingress: zmq.Socket[Any] | None) -> None:
+        up = self.up
+        if up.awaiting is not None:
+            if now - up.sent_at < self.config.timeout_ms / 1000:
+                return
+            self.stats["reconnects"] += 1
+            self.log.warning("broker did not answer %s within %d ms: reconnecting", up.awaiting,
+                             self.config.timeout_ms)
+            if up.batch is not None:
+                up.batch.tries += 1
+                if up.batch.tries > self.config.retries:
+                    self.stats["unavailable"] += sum(len(p.metas) for p in up.batch.puts)
+                    unavailable = proto.Message(Command.ERR, {
+                        "code": ErrorCode.UNAVAILABLE.value,
+                        "reason": f"broker {self.config.broker} did not answer "
+                                  f"{self.config.retries + 1} tries"})
+                    batch, up.batch = up.batch, None
+                    self._answer(batch, unavailable, ingress)
+            self._connect()
+            return
+        if not up.registered:
+            if now - up.sent_at >= self.config.timeout_ms / 1000:
+                self._connect()
+            return
+        if up.batch is not None:  # resend after a reconnect; ids make it idempotent
+            self._upstream(up.batch.frames, "put")
+        elif up.pending:
+            self._send_batch()
+        elif now - max(up.sent_at, self._last_reply) >= self.config.heartbeat_ms / 1000:
+            self._upstream(proto.encode(Command.HEARTBEAT), "heartbeat")
+
+    def _send_batch(self) -> None:
+        up = self.up
+        taken: list[_ClientPut] = []
+        count = 0
+        limit = self.config.max_batch
+        while up.pending and (not taken or count + len(up.pending[0].metas) <= limit):
+            put = up.pending.pop(0)
+            taken.append(put)
+            count += len(put.metas)
+        metas = [m for put in taken for m in put.metas]
+        payloads = [p for put in taken for p in put.payloads]
+        frames = proto.encode(Command.PUT, {"records": metas}, payloads)
+        up.batch = _InFlight(taken, frames)
+        self.stats["batches"] += 1
+        self._upstream(frames, "put")
+
+    def snapshot(self) -> dict[str, Any]:
+        batch = self.up.batch
+        return {"name": self.config.name, "broker": self.config.broker,
+                "registered": self.up.registered,
+                "pending": sum(len(p.metas) for p in self.up.pending),
+                "inflight": 0 if batch is None else sum(len(p.metas) for p in batch.puts),
+                **self.stats}

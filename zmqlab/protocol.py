@@ -1,0 +1,132 @@
+"""The wire protocol: the only module that knows the order of frames.
+
+Every message, after the ROUTER's routing frames and the empty delimiter, is::
+
+    [VERSION, COMMAND, header, *payloads]
+
+``header`` is a small JSON object; each record's payload travels as its own frame of raw JSON
+bytes so that the broker can pass it through without decoding it. Consumers' DEALER sockets send
+the empty delimiter that a REQ socket would add, so one parser serves both sides of the broker.
+Compact arrays instead of objects in the per-record parts of headers keep the JSON small and
+cheap to parse on the hot path; the README documents every field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any
+
+from zmqlab.errors import ProtocolError
+
+VERSION = b"ZQL1"
+EMPTY = b""
+
+
+class Command(bytes, Enum):
+    """Commands; the value is the frame sent on the wire."""
+
+    HELLO = b"HELLO"  # both roles -> broker (and client -> producer service)
+    WELCOME = b"WELCOME"  # answer to HELLO
+    PUT = b"PUT"  # producer -> broker: a batch of records
+    ACK = b"ACK"  # broker -> producer: per-record results; consumer -> broker: stored offsets
+    ERR = b"ERR"  # any error reply
+    FETCH = b"FETCH"  # consumer -> broker: credit (how many records it can hold)
+    RECORDS = b"RECORDS"  # broker -> consumer: records of one partition and epoch
+    ASSIGN = b"ASSIGN"  # broker -> consumer: the partitions it owns now
+    HEARTBEAT = b"HEARTBEAT"  # both ways
+    BYE = b"BYE"  # a node leaves
+    STATS = b"STATS"  # request a status snapshot; the reply carries it
+
+
+class ErrorCode(StrEnum):
+    """Error codes carried by ERR replies and per-record refusals."""
+
+    BAD_MESSAGE = "BAD_MESSAGE"  # unparseable frames or header
+    BAD_VERSION = "BAD_VERSION"
+    UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
+    NOT_REGISTERED = "NOT_REGISTERED"  # HELLO first (retryable: say HELLO, then retry)
+    NOT_READY = "NOT_READY"  # waiting for --expect-producers/--expect-consumers
+    PARTITION_FULL = "PARTITION_FULL"  # backpressure: retry later
+    INVALID_RECORD = "INVALID_RECORD"  # payload not a JSON object, bad id or key
+    TOO_LARGE = "TOO_LARGE"
+    STALE_EPOCH = "STALE_EPOCH"
+    NOT_OWNER = "NOT_OWNER"
+    UNKNOWN_OFFSET = "UNKNOWN_OFFSET"
+    UNAVAILABLE = "UNAVAILABLE"  # a producer service could not reach the broker
+    INTERNAL = "INTERNAL"
+
+
+RETRYABLE = frozenset(
+    {ErrorCode.NOT_REGISTERED, ErrorCode.NOT_READY, ErrorCode.PARTITION_FULL, ErrorCode.UNAVAILABLE}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded message, without its routing envelope."""
+
+    command: Command
+    header: dict[str, Any] = field(default_factory=dict)
+    payloads: tuple[bytes, ...] = ()
+
+
+def encode(command: Command, header: dict[str, Any] | None = None,
+           payloads: Sequence[bytes] = ()) -> list[bytes]:
+    """Frames for a message; prepend routing frames (ROUTER) or nothing (REQ)."""
+    body = json.dumps(header or {}, separators=(",", ":")).encode()
+    return [VERSION, command.value, body, *payloads]
+
+
+def encode_err(code: ErrorCode | str, reason: str, **extra: Any) -> list[bytes]:
+    code = ErrorCode(code)
+    header = {"code": code.value, "reason": reason, "retryable": code in RETRYABLE, **extra}
+    return encode(Command.ERR, header)
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse ``[VERSION, COMMAND, header, *payloads]``; raise ProtocolError with a clear reason."""
+    if len(frames) < 3:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"expected at least 3 frames, got {len(frames)}")
+    version, command, body = frames[0], frames[1], frames[2]
+    if version != VERSION:
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION,
+            f"protocol version {version[:16]!r} not supported (this node speaks {VERSION!r})",
+        )
+    try:
+        cmd = Command(bytes(command))
+    except ValueError:
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
+                            f"unknown command {command[:32]!r}") from None
+    try:
+        header = json.loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "header must be a JSON object")
+    return Message(cmd, header, tuple(bytes(f) for f in frames[3:]))
+
+
+def split_envelope(frames: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
+    """Split a ROUTER message into (sender identity, message frames after the delimiter)."""
+    if len(frames) < 2 or frames[1] != EMPTY:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "missing empty delimiter frame after identity")
+    return bytes(frames[0]), list(frames[2:])
+
+
+def require(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """A header field of the given JSON type, or ProtocolError naming the field."""
+    value = header.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header field {name!r} must be {expected}")
+    return value
+
+
+def error_of(message: Message) -> tuple[str, str, bool]:
+    """(code, reason, retryable) of an ERR message."""
+    h = message.header
+    return str(h.get("code", "INTERNAL")), str(h.get("reason", "")), bool(h.get("retryable"))

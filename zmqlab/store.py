@@ -1,0 +1,313 @@
+"""The SQL side: SQLModel tables, engines for SQLite and PostgreSQL, and the idempotent sink.
+
+The sink writes every batch in one transaction with ``INSERT … ON CONFLICT (id) DO NOTHING``,
+so a record redelivered after a crash between COMMIT and ACK is never stored twice; it uses
+SQLAlchemy Core on the SQLModel table (one statement per batch, not an ORM object per row).
+Payloads arrive as raw JSON text and are written as they are: the engine's JSON serializer
+passes ``RawJSON`` through instead of decoding and re-encoding every record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Engine, Text, event, exc, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import make_url
+from sqlmodel import Field, SQLModel, create_engine
+
+from zmqlab.errors import ConfigError, SinkUnavailable
+
+log = logging.getLogger("zmqlab.store")
+
+
+class RawJSON(str):
+    """JSON text that is already encoded; the engine's serializer passes it through."""
+
+
+def _serialize(value: Any) -> str:
+    if isinstance(value, RawJSON):
+        return str.__str__(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+PAYLOAD_TYPE = JSON().with_variant(JSONB(), "postgresql")
+
+
+class StoredRecord(SQLModel, table=True):
+    """A record as stored by a consumer (the wire's record is ``Delivery``)."""
+
+    __tablename__ = "records"
+
+    id: str = Field(primary_key=True, max_length=128)
+    partition: int = Field(index=True)
+    offset: int = Field(sa_type=BigInteger)
+    key: str | None = Field(default=None, max_length=1024, index=True)
+    producer: str = Field(max_length=255)
+    consumer: str = Field(max_length=255)
+    payload: dict[str, Any] = Field(sa_column=Column(PAYLOAD_TYPE, nullable=False))
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    stored_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    attempt: int = 1
+
+
+class DeadLetter(SQLModel, table=True):
+    """A record that failed ``max_attempts`` deliveries; kept with its payload and last error."""
+
+    __tablename__ = "dead_letters"
+
+    id: str = Field(primary_key=True, max_length=128)
+    partition: int
+    offset: int = Field(sa_type=BigInteger)
+    key: str | None = Field(default=None, max_length=1024)
+    producer: str = Field(max_length=255)
+    consumer: str = Field(max_length=255)
+    payload: str = Field(sa_column=Column(Text, nullable=False))  # as received, even if invalid
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    failed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    attempts: int
+    last_error: str = Field(sa_column=Column(Text, nullable=False))
+
+
+RECORDS = StoredRecord.__table__  # type: ignore[attr-defined]
+DEAD_LETTERS = DeadLetter.__table__  # type: ignore[attr-defined]
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (the driver the ``postgres`` extra installs)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for SQLite (WAL, busy timeout, BEGIN IMMEDIATE) or PostgreSQL; tables created."""
+    try:
+        parsed = make_url(normalize_url(url))
+    except exc.ArgumentError as error:
+        raise ConfigError(f"not a database URL: {url!r} ({error})") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = create_engine(parsed, json_serializer=_serialize,
+                               connect_args={"timeout": 30, "check_same_thread": False})
+        _sqlite_pragmas(engine)
+    elif backend == "postgresql":
+        try:
+            engine = create_engine(parsed, json_serializer=_serialize, pool_pre_ping=True)
+        except ModuleNotFoundError as error:
+            raise ConfigError(f"PostgreSQL needs its driver: pip install 'zmqlab[postgres]' "
+                              f"({error})") from None
+    else:
+        raise ConfigError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
+    create_tables(engine)
+    return engine
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    # Several consumer processes share one file: WAL lets readers run beside the writer, the
+    # busy timeout makes a writer wait for the lock instead of failing, and BEGIN IMMEDIATE
+    # takes the write lock up front so the wait honours that timeout (a deferred transaction
+    # that upgrades later can fail at once with "database is locked").
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_tables(engine: Engine, attempts: int = 5) -> None:
+    """Create missing tables; tolerate another consumer creating them at the same moment."""
+    for attempt in range(attempts):
+        try:
+            SQLModel.metadata.create_all(engine, tables=[RECORDS, DEAD_LETTERS])
+            return
+        except (exc.OperationalError, exc.ProgrammingError, exc.IntegrityError) as error:
+            if not _is_unavailable(error) and attempt == attempts - 1:
+                raise
+            if attempt == attempts - 1:
+                raise SinkUnavailable(f"cannot create tables: {error.orig}") from error
+            time.sleep(0.05 * (attempt + 1))  # back off before re-checking what exists
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    """Connection trouble or a lock: retry the whole batch later, it is not the records' fault."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.DisconnectionError
+                      | exc.TimeoutError)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One record as a consumer received it."""
+
+    partition: int
+    offset: int
+    id: str
+    key: str | None
+    producer: str
+    created_at: float
+    attempt: int
+    payload: bytes
+    failures: int = 0  # failed inserts at this consumer, added to attempt for dead-lettering
+    last_error: str = ""
+
+
+@dataclass(slots=True)
+class Batch:
+    """The records of one RECORDS message: acknowledged together, for their epoch."""
+
+    partition: int
+    epoch: int
+    deliveries: list[Delivery]
+    session: int = 0  # the consumer's registration this batch belongs to
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a store call did with one batch."""
+
+    batch: Batch
+    inserted: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    failed: list[Delivery] = field(default_factory=list)  # retry these, the batch is not done
+
+    @property
+    def done(self) -> bool:
+        return not self.failed
+
+
+class Sink:
+    """Writes batches idempotently; decides when a failing record becomes a dead letter."""
+
+    def __init__(self, engine: Engine, consumer: str, max_attempts: int = 5) -> None:
+        self.engine = engine
+        self.consumer = consumer
+        self.max_attempts = max_attempts
+        dialect = engine.dialect.name
+        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        self._insert_records = (insert(RECORDS).on_conflict_do_nothing(index_elements=["id"])
+                                .returning(RECORDS.c.id))
+        self._insert_dead = insert(DEAD_LETTERS).on_conflict_do_nothing(index_elements=["id"])
+
+    @classmethod
+    def open(cls, url: str, consumer: str, max_attempts: int = 5) -> Sink:
+        try:
+            return cls(make_engine(url), consumer, max_attempts)
+        except exc.SQLAlchemyError as error:
+            raise SinkUnavailable(f"cannot open database {url}: {error}") from error
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def store(self, batches: Sequence[Batch]) -> list[Outcome]:
+        """Store batches in one transaction; raise SinkUnavailable to have them all retried.
+
+        If the transaction fails for something other than connection trouble, each record is
+        tried on its own so that one bad record cannot hold back the others: it is retried
+        (``failed``) until its attempts reach ``max_attempts``, then dead-lettered.
+        """
+        outcomes = [Outcome(b) for b in batches]
+        now = datetime.now(UTC)
+        exhausted = [(o, d) for o in outcomes for d in o.batch.deliveries if self._exhausted(d)]
+        fresh = [(o, d) for o in outcomes for d in o.batch.deliveries if not self._exhausted(d)]
+        try:
+            with self.engine.begin() as conn:
+                self._insert(conn, fresh, now)
+                self._bury(conn, exhausted, now)
+            return outcomes
+        except exc.SQLAlchemyError as error:
+            if _is_unavailable(error):
+                raise SinkUnavailable(_describe(error)) from error
+            log.warning("batch insert failed (%s); trying its records one by one", _describe(error))
+        for outcome in outcomes:
+            outcome.inserted = outcome.duplicates = outcome.dead = 0
+        for outcome, delivery in fresh + exhausted:
+            self._store_one(outcome, delivery, now)
+        return outcomes
+
+    def _exhausted(self, delivery: Delivery) -> bool:
+        return delivery.attempt + delivery.failures > self.max_attempts
+
+    def _insert(self, conn: Any, items: list[tuple[Outcome, Delivery]], now: datetime) -> None:
+        if not items:
+            return
+        rows = [self._row(d, now) for _, d in items]
+        inserted = set(conn.execute(self._insert_records, rows).scalars())
+        for outcome, delivery in items:
+            if delivery.id in inserted:
+                outcome.inserted += 1
+            else:
+                outcome.duplicates += 1
+
+    def _bury(self, conn: Any, items: list[tuple[Outcome, Delivery]], now: datetime) -> None:
+        if not items:
+            return
+        conn.execute(self._insert_dead, [self._dead_row(d, now) for _, d in items])
+        for outcome, delivery in items:
+            outcome.dead += 1
+            log.warning("dead letter id=%s partition=%d offset=%d attempts=%d error=%s",
+                        delivery.id, delivery.partition, delivery.offset,
+                        delivery.attempt + delivery.failures - 1, delivery.last_error)
+
+    def _store_one(self, outcome: Outcome, delivery: Delivery, now: datetime) -> None:
+        try:
+            with self.engine.begin() as conn:
+                if self._exhausted(delivery):
+                    self._bury(conn, [(outcome, delivery)], now)
+                else:
+                    self._insert(conn, [(outcome, delivery)], now)
+        except exc.SQLAlchemyError as error:
+            if _is_unavailable(error):
+                raise SinkUnavailable(_describe(error)) from error
+            delivery.failures += 1
+            delivery.last_error = _describe(error)
+            log.warning("record failed id=%s attempt=%d error=%s", delivery.id,
+                        delivery.attempt + delivery.failures - 1, delivery.last_error)
+            outcome.failed.append(delivery)
+
+    def _row(self, d: Delivery, now: datetime) -> dict[str, Any]:
+        return {"id": d.id, "partition": d.partition, "offset": d.offset, "key": d.key,
+                "producer": d.producer, "consumer": self.consumer,
+                "payload": RawJSON(d.payload.decode("utf-8", errors="replace")),
+                "created_at": datetime.fromtimestamp(d.created_at, UTC), "stored_at": now,
+                "attempt": d.attempt}
+
+    def _dead_row(self, d: Delivery, now: datetime) -> dict[str, Any]:
+        return {"id": d.id, "partition": d.partition, "offset": d.offset, "key": d.key,
+                "producer": d.producer, "consumer": self.consumer,
+                "payload": d.payload.decode("utf-8", errors="replace"),
+                "created_at": datetime.fromtimestamp(d.created_at, UTC), "failed_at": now,
+                "attempts": d.attempt + d.failures - 1,
+                "last_error": d.last_error or "delivered without acknowledgement (consumer died)"}
+
+    # -- reading (status, tests, verification) ----------------------------------------------
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return len(conn.execute(select(RECORDS.c.id)).all())
+
+
+def _describe(error: BaseException) -> str:
+    orig = getattr(error, "orig", None)
+    text = str(orig if orig is not None else error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def stored_ids(engine: Engine) -> Iterable[str]:
+    with engine.connect() as conn:
+        return [row[0] for row in conn.execute(select(RECORDS.c.id))]
