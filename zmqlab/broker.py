@@ -416,11 +416,12 @@ class Broker(Node):
             start = state.next_partition % len(ready)
             state.next_partition += 1
             for partition in ready[start:] + ready[:start]:
-                batch = partition.take(min(available, max_batch))
-                if not batch:
-                    continue
-                available -= len(batch)
-                self._send_records(state, partition, batch)
+                while available > 0:
+                    batch = partition.take(min(available, max_batch))
+                    if not batch:
+                        break
+                    available -= len(batch)
+                    self._send_records(state, partition, batch)
                 if available <= 0:
                     break
 

@@ -132,6 +132,7 @@ def consumer(
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy database URL.")] = DEFAULT_DB_URL,
     credit: Annotated[int, typer.Option(min=1, help="Records this consumer may hold at once.")] = 2000,
     max_attempts: Annotated[int, typer.Option(min=1, help="Deliveries before a dead letter.")] = 5,
+    transform: Annotated[str | None, typer.Option(help="package.module:function run on each payload before it is stored; raising fails the record.")] = None,
     heartbeat_ms: HeartbeatMs = 1000,
     liveness: Liveness = 3,
     log_level: LogLevel = "info",
@@ -140,9 +141,13 @@ def consumer(
     """Run a consumer: owns partitions, stores their records in SQL, then acknowledges."""
     _setup_logs(log_level, log_json)
     config = _config(ConsumerConfig, name=str(port), broker=broker, status=f"tcp://{host}:{port}",
-                     db_url=db, credit=credit, max_attempts=max_attempts,
+                     db_url=db, credit=credit, max_attempts=max_attempts, transform=transform,
                      heartbeat_ms=heartbeat_ms, liveness=liveness)
-    _serve(Consumer(config))
+    try:
+        node = Consumer(config)
+    except ZmqlabError as exc:
+        fail(str(exc), 2)
+    _serve(node)
 
 
 @app.command()
@@ -286,3 +291,9 @@ def assign(
 
 def main() -> None:
     app()
+
+
+# Commands that live in their own modules (load generator, demo, live status).
+from zmqlab import cli_load  # noqa: E402
+
+cli_load.register(app)

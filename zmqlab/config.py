@@ -108,6 +108,7 @@ class ConsumerConfig:
     heartbeat_ms: int = 1000
     liveness: int = 3
     max_attempts: int = 5  # deliveries before a failing record goes to dead letters
+    transform: str | None = None  # "package.module:function" run on each payload
     retry_initial_s: float = 0.1  # database retry backoff
     retry_max_s: float = 5.0
     drain_timeout_s: float = 10.0  # on stop: finish in-flight work for at most this long

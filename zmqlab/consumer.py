@@ -23,7 +23,7 @@ from zmqlab.config import ConsumerConfig
 from zmqlab.errors import ProtocolError, ZmqlabError
 from zmqlab.node import Node, bind, new_socket
 from zmqlab.protocol import Command, ErrorCode
-from zmqlab.store import Batch, Delivery, Sink
+from zmqlab.store import Batch, Delivery, Sink, check_url, load_transform
 
 MAX_RECORDS_PER_TRANSACTION = 5000
 
@@ -47,8 +47,10 @@ class Consumer(Node):
         super().__init__(context)
         self.config = config
         self.clock = clock
+        check_url(config.db_url)
+        transform = load_transform(config.transform) if config.transform else None
         self.sink_factory = sink_factory or (
-            lambda: Sink.open(config.db_url, config.name, config.max_attempts))
+            lambda: Sink.open(config.db_url, config.name, config.max_attempts, transform))
         self._jobs: queue.Queue[Batch | None] = queue.Queue()
         self._results: queue.Queue[Result | SinkHealth] = queue.Queue()
         self._bell_endpoint = f"inproc://zmqlab-consumer-bell-{uuid.uuid4().hex}"

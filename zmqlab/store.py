@@ -9,15 +9,16 @@ passes ``RawJSON`` through instead of decoding and re-encoding every record.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Engine, Text, event, exc, select
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Engine, Text, event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
@@ -26,6 +27,9 @@ from sqlmodel import Field, SQLModel, create_engine
 from zmqlab.errors import ConfigError, SinkUnavailable
 
 log = logging.getLogger("zmqlab.store")
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+"""A user hook run on each payload before it is stored; raising marks the record as failed."""
 
 
 class RawJSON(str):
@@ -80,6 +84,21 @@ RECORDS = StoredRecord.__table__  # type: ignore[attr-defined]
 DEAD_LETTERS = DeadLetter.__table__  # type: ignore[attr-defined]
 
 
+def load_transform(spec: str) -> Transform:
+    """Import ``package.module:function`` (the consumer's ``--transform`` option)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"transform must look like package.module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+        function = getattr(module, attr)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"cannot load transform {spec!r}: {error}") from None
+    if not callable(function):
+        raise ConfigError(f"transform {spec!r} is not callable")
+    return function  # type: ignore[no-any-return]
+
+
 def normalize_url(url: str) -> str:
     """``postgresql://`` means psycopg 3 here (the driver the ``postgres`` extra installs)."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -89,6 +108,18 @@ def normalize_url(url: str) -> str:
 
 def make_engine(url: str) -> Engine:
     """An engine for SQLite (WAL, busy timeout, BEGIN IMMEDIATE) or PostgreSQL; tables created."""
+    engine = engine_for(url)
+    create_tables(engine)
+    return engine
+
+
+def check_url(url: str) -> None:
+    """Raise ConfigError now for a URL that can never work (without connecting)."""
+    engine_for(url).dispose()
+
+
+def engine_for(url: str) -> Engine:
+    """The engine for ``url``, configured but not connected yet."""
     try:
         parsed = make_url(normalize_url(url))
     except exc.ArgumentError as error:
@@ -106,7 +137,6 @@ def make_engine(url: str) -> Engine:
                               f"({error})") from None
     else:
         raise ConfigError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
-    create_tables(engine)
     return engine
 
 
@@ -195,10 +225,12 @@ class Outcome:
 class Sink:
     """Writes batches idempotently; decides when a failing record becomes a dead letter."""
 
-    def __init__(self, engine: Engine, consumer: str, max_attempts: int = 5) -> None:
+    def __init__(self, engine: Engine, consumer: str, max_attempts: int = 5,
+                 transform: Transform | None = None) -> None:
         self.engine = engine
         self.consumer = consumer
         self.max_attempts = max_attempts
+        self.transform = transform
         dialect = engine.dialect.name
         insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
         self._insert_records = (insert(RECORDS).on_conflict_do_nothing(index_elements=["id"])
@@ -206,9 +238,10 @@ class Sink:
         self._insert_dead = insert(DEAD_LETTERS).on_conflict_do_nothing(index_elements=["id"])
 
     @classmethod
-    def open(cls, url: str, consumer: str, max_attempts: int = 5) -> Sink:
+    def open(cls, url: str, consumer: str, max_attempts: int = 5,
+             transform: Transform | None = None) -> Sink:
         try:
-            return cls(make_engine(url), consumer, max_attempts)
+            return cls(make_engine(url), consumer, max_attempts, transform)
         except exc.SQLAlchemyError as error:
             raise SinkUnavailable(f"cannot open database {url}: {error}") from error
 
@@ -225,10 +258,18 @@ class Sink:
         outcomes = [Outcome(b) for b in batches]
         now = datetime.now(UTC)
         exhausted = [(o, d) for o in outcomes for d in o.batch.deliveries if self._exhausted(d)]
-        fresh = [(o, d) for o in outcomes for d in o.batch.deliveries if not self._exhausted(d)]
+        fresh = []
+        for outcome in outcomes:
+            for d in outcome.batch.deliveries:
+                if self._exhausted(d):
+                    continue
+                try:
+                    fresh.append((outcome, d, self._row(d, now)))
+                except Exception as error:  # the user's transform refused this record
+                    self._failed(outcome, d, f"transform: {type(error).__name__}: {error}")
         try:
             with self.engine.begin() as conn:
-                self._insert(conn, fresh, now)
+                self._insert(conn, fresh)
                 self._bury(conn, exhausted, now)
             return outcomes
         except exc.SQLAlchemyError as error:
@@ -237,19 +278,20 @@ class Sink:
             log.warning("batch insert failed (%s); trying its records one by one", _describe(error))
         for outcome in outcomes:
             outcome.inserted = outcome.duplicates = outcome.dead = 0
-        for outcome, delivery in fresh + exhausted:
-            self._store_one(outcome, delivery, now)
+        for outcome, delivery, row in fresh:
+            self._store_one(outcome, delivery, now, row)
+        for outcome, delivery in exhausted:
+            self._store_one(outcome, delivery, now, None)
         return outcomes
 
     def _exhausted(self, delivery: Delivery) -> bool:
         return delivery.attempt + delivery.failures > self.max_attempts
 
-    def _insert(self, conn: Any, items: list[tuple[Outcome, Delivery]], now: datetime) -> None:
+    def _insert(self, conn: Any, items: list[tuple[Outcome, Delivery, dict[str, Any]]]) -> None:
         if not items:
             return
-        rows = [self._row(d, now) for _, d in items]
-        inserted = set(conn.execute(self._insert_records, rows).scalars())
-        for outcome, delivery in items:
+        inserted = set(conn.execute(self._insert_records, [row for _, _, row in items]).scalars())
+        for outcome, delivery, _ in items:
             if delivery.id in inserted:
                 outcome.inserted += 1
             else:
@@ -265,28 +307,40 @@ class Sink:
                         delivery.id, delivery.partition, delivery.offset,
                         delivery.attempt + delivery.failures - 1, delivery.last_error)
 
-    def _store_one(self, outcome: Outcome, delivery: Delivery, now: datetime) -> None:
+    def _store_one(self, outcome: Outcome, delivery: Delivery, now: datetime,
+                   row: dict[str, Any] | None) -> None:
         try:
             with self.engine.begin() as conn:
-                if self._exhausted(delivery):
+                if row is None:
                     self._bury(conn, [(outcome, delivery)], now)
                 else:
-                    self._insert(conn, [(outcome, delivery)], now)
+                    self._insert(conn, [(outcome, delivery, row)])
         except exc.SQLAlchemyError as error:
             if _is_unavailable(error):
                 raise SinkUnavailable(_describe(error)) from error
-            delivery.failures += 1
-            delivery.last_error = _describe(error)
-            log.warning("record failed id=%s attempt=%d error=%s", delivery.id,
-                        delivery.attempt + delivery.failures - 1, delivery.last_error)
-            outcome.failed.append(delivery)
+            self._failed(outcome, delivery, _describe(error))
+
+    def _failed(self, outcome: Outcome, delivery: Delivery, error: str) -> None:
+        delivery.failures += 1
+        delivery.last_error = error
+        log.warning("record failed id=%s attempt=%d error=%s", delivery.id,
+                    delivery.attempt + delivery.failures - 1, error)
+        outcome.failed.append(delivery)
 
     def _row(self, d: Delivery, now: datetime) -> dict[str, Any]:
         return {"id": d.id, "partition": d.partition, "offset": d.offset, "key": d.key,
                 "producer": d.producer, "consumer": self.consumer,
-                "payload": RawJSON(d.payload.decode("utf-8", errors="replace")),
+                "payload": self._payload(d.payload),
                 "created_at": datetime.fromtimestamp(d.created_at, UTC), "stored_at": now,
                 "attempt": d.attempt}
+
+    def _payload(self, payload: bytes) -> Any:
+        if self.transform is None:  # the hot path: no decode, the JSON text goes in as it is
+            return RawJSON(payload.decode("utf-8", errors="replace"))
+        result = self.transform(json.loads(payload))
+        if not isinstance(result, dict):
+            raise TypeError(f"transform must return a JSON object, got {type(result).__name__}")
+        return result
 
     def _dead_row(self, d: Delivery, now: datetime) -> dict[str, Any]:
         return {"id": d.id, "partition": d.partition, "offset": d.offset, "key": d.key,
@@ -296,18 +350,8 @@ class Sink:
                 "attempts": d.attempt + d.failures - 1,
                 "last_error": d.last_error or "delivered without acknowledgement (consumer died)"}
 
-    # -- reading (status, tests, verification) ----------------------------------------------
-    def count(self) -> int:
-        with self.engine.connect() as conn:
-            return len(conn.execute(select(RECORDS.c.id)).all())
-
 
 def _describe(error: BaseException) -> str:
     orig = getattr(error, "orig", None)
     text = str(orig if orig is not None else error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def stored_ids(engine: Engine) -> Iterable[str]:
-    with engine.connect() as conn:
-        return [row[0] for row in conn.execute(select(RECORDS.c.id))]

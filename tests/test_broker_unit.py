@@ -1,0 +1,267 @@
+"""The broker's handlers and timers driven directly, with fake time and no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from zmqlab import protocol as proto
+from zmqlab.broker import BACK, FRONT, Broker
+from zmqlab.config import BrokerConfig
+from zmqlab.protocol import Command
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(**options: Any) -> tuple[Broker, Clock]:
+    clock = Clock()
+    config = BrokerConfig(frontend="inproc://f", backend="inproc://b", heartbeat_ms=1000,
+                          liveness=3, **options)
+    return Broker(config, clock=clock), clock
+
+
+def producer_says(broker: Broker, command: Command, header: dict[str, Any] | None = None,
+                  payloads: list[bytes] | None = None, who: bytes = b"req-1") -> proto.Message:
+    broker.outbox.clear()
+    broker.handle_frontend([who, b"", *proto.encode(command, header, payloads or [])],
+                           broker.clock())
+    (side, frames), = broker.outbox
+    assert side == FRONT and frames[0] == who
+    broker.outbox.clear()
+    return proto.decode(frames[2:])
+
+
+def consumer_says(broker: Broker, name: str, command: Command,
+                  header: dict[str, Any] | None = None) -> list[proto.Message]:
+    broker.handle_backend([name.encode(), b"", *proto.encode(command, header)], broker.clock())
+    return to(broker, name)
+
+
+def to(broker: Broker, name: str) -> list[proto.Message]:
+    """Messages the broker queued for consumer ``name`` (after dispatching), removed."""
+    broker.dispatch(broker.clock())
+    mine = [f for side, f in broker.outbox if side == BACK and f[0] == name.encode()]
+    broker.outbox = [(s, f) for s, f in broker.outbox if not (s == BACK and f[0] == name.encode())]
+    return [proto.decode(f[2:]) for f in mine]
+
+
+def put(broker: Broker, *payloads: bytes, key: str | None = None, ids: list[str] | None = None,
+        who: bytes = b"req-1") -> proto.Message:
+    ids = ids or [f"id-{i}-{len(broker._held)}" for i in range(len(payloads))]
+    metas = [[i, key, 1.0] for i in ids]
+    return producer_says(broker, Command.PUT, {"records": metas}, list(payloads), who=who)
+
+
+def hello(broker: Broker, who: bytes = b"req-1", name: str = "8080") -> None:
+    assert producer_says(broker, Command.HELLO, {"role": "producer", "name": name},
+                         who=who).command is Command.WELCOME
+
+
+def test_put_before_hello_is_refused_as_retryable():
+    broker, _ = make()
+    reply = put(broker, b"{}")
+    assert proto.error_of(reply) == ("NOT_REGISTERED", "say HELLO before sending records", True)
+
+
+def test_broker_refuses_records_until_the_expected_nodes_registered():
+    broker, _ = make(expect_producers=2, expect_consumers=1)
+    hello(broker)
+    code, reason, retryable = proto.error_of(put(broker, b"{}"))
+    assert (code, retryable) == ("NOT_READY", True)
+    assert "1 more producer(s) and 1 more consumer(s)" in reason
+    hello(broker, b"req-2", "8081")
+    consumer_says(broker, "9090", Command.HELLO)
+    assert put(broker, b"{}").command is Command.ACK
+
+
+def test_put_acks_each_record_with_partition_and_offset():
+    broker, _ = make(partitions=3)
+    hello(broker)
+    reply = put(broker, b'{"a":1}', b'{"a":2}', b'{"a":3}', b'{"a":4}')
+    assert reply.header == {"acks": [[0, 0, 0, False], [1, 1, 0, False], [2, 2, 0, False],
+                                     [3, 0, 1, False]], "errors": []}
+
+
+def test_keyed_records_go_to_crc32_of_the_key():
+    import zlib
+
+    broker, _ = make(partitions=6)
+    hello(broker)
+    reply = put(broker, b"{}", b"{}", key="customer-42")
+    expected = zlib.crc32(b"customer-42") % 6
+    assert [a[1] for a in reply.header["acks"]] == [expected, expected]
+    assert [a[2] for a in reply.header["acks"]] == [0, 1]
+
+
+def test_retry_with_the_same_id_is_answered_as_duplicate_not_queued_twice():
+    broker, _ = make()
+    hello(broker)
+    first = put(broker, b'{"x":1}', ids=["abc"]).header["acks"][0]
+    again = put(broker, b'{"x":1}', ids=["abc"]).header["acks"][0]
+    assert again == [0, first[1], first[2], True]
+    assert sum(p.depth for p in broker.partitions) == 1
+
+
+def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
+    broker, _ = make(partitions=2, capacity=1)
+    hello(broker)
+    reply = put(broker, b"{}", b"{}", b"{}")
+    assert [a[0] for a in reply.header["acks"]] == [0, 1]
+    (index, code, _reason, retryable), = reply.header["errors"]
+    assert (index, code, retryable) == (2, "PARTITION_FULL", True)
+    assert [p.depth for p in broker.partitions] == [1, 1]
+
+
+@pytest.mark.parametrize("meta, payload, code", [
+    ([["", None, 1.0]], b"{}", "INVALID_RECORD"),
+    ([["a", 5, 1.0]], b"{}", "INVALID_RECORD"),
+    ([["a", None, "yesterday"]], b"{}", "INVALID_RECORD"),
+    ([["a", None, 1.0]], b"[]", "INVALID_RECORD"),
+    ([["a", None, 1.0]], b"x" * 2_000_000, "TOO_LARGE"),
+])
+def test_bad_records_get_a_clear_refusal(meta, payload, code):
+    broker, _ = make()
+    hello(broker)
+    reply = producer_says(broker, Command.PUT, {"records": meta}, [payload])
+    assert reply.header["errors"][0][1] == code
+    assert reply.header["errors"][0][3] is False
+    assert sum(p.depth for p in broker.partitions) == 0
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([b"ZQL9", b"PUT", b"{}"], "BAD_VERSION"),
+    ([proto.VERSION, b"JUMP", b"{}"], "UNKNOWN_COMMAND"),
+    ([proto.VERSION, b"PUT", b"{nope"], "BAD_MESSAGE"),
+    ([proto.VERSION, b"PUT"], "BAD_MESSAGE"),
+    ([proto.VERSION, b"RECORDS", b"{}"], "UNKNOWN_COMMAND"),
+])
+def test_malformed_messages_get_err_and_the_broker_carries_on(frames, code):
+    broker, _ = make()
+    broker.handle_frontend([b"req-1", b"", *frames], broker.clock())
+    (_, reply), = broker.outbox
+    assert proto.error_of(proto.decode(reply[2:]))[0] == code
+
+
+def test_put_with_mismatched_payload_count_is_refused_whole():
+    broker, _ = make()
+    hello(broker)
+    reply = producer_says(broker, Command.PUT, {"records": [["a", None, 1.0]]}, [])
+    assert proto.error_of(reply)[0] == "BAD_MESSAGE"
+
+
+def test_consumers_get_round_robin_assignments_and_records_within_credit():
+    broker, _ = make(partitions=4, max_batch=2)
+    hello(broker)
+    for name in ("9091", "9090", "9092"):
+        consumer_says(broker, name, Command.HELLO)
+    assert [p.owner for p in broker.partitions] == ["9090", "9091", "9092", "9090"]
+    to(broker, "9090")
+    for _ in range(5):
+        put(broker, b"{}", key="k")  # every record into the same partition
+    number = broker._held[next(iter(broker._held))][0]
+    owner = broker.partitions[number].owner
+    assert to(broker, owner) == []  # no credit yet
+    sent = consumer_says(broker, owner, Command.FETCH, {"credit": 3})
+    assert [m.command for m in sent] == [Command.RECORDS, Command.RECORDS]
+    assert [len(m.payloads) for m in sent] == [2, 1]  # max_batch 2, credit 3
+    assert broker.partitions[number].inflight == 3
+    acked = consumer_says(broker, owner, Command.ACK,
+                          {"partition": number, "epoch": sent[0].header["epoch"],
+                           "offsets": [0, 1]})
+    assert [len(m.payloads) for m in acked] == [2]  # freed credit brings the rest
+
+
+def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
+    broker, clock = make(partitions=1)
+    hello(broker)
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
+    put(broker, b'{"n":1}', b'{"n":2}')
+    first = to(broker, "9090")
+    assert len(first[0].payloads) == 2
+    consumer_says(broker, "9091", Command.HELLO)
+    consumer_says(broker, "9091", Command.FETCH, {"credit": 10})
+    assert broker.partitions[0].owner == "9090"  # round robin keeps Q1 on 9090
+
+    clock.now += 1.0
+    consumer_says(broker, "9091", Command.HEARTBEAT)
+    clock.now += 2.5  # 9090 silent for 3.5 s > 3 x 1 s
+    broker.tick(clock.now)
+    assert "9090" not in broker.consumers
+    records = [m for m in to(broker, "9091") if m.command is Command.RECORDS]
+    assert [r[5] for r in records[0].header["records"]] == [2, 2]  # attempt raised
+    assert records[0].header["epoch"] == first[0].header["epoch"] + 1
+    late = consumer_says(broker, "9090", Command.ACK, {"partition": 0, "epoch": 1,
+                                                       "offsets": [0, 1]})
+    assert proto.error_of(late[0])[0] == "NOT_REGISTERED"
+    assert broker.partitions[0].depth == 2
+
+
+def test_heartbeats_keep_a_consumer_alive_and_are_sent_to_it():
+    broker, clock = make()
+    consumer_says(broker, "9090", Command.HELLO)
+    for _ in range(10):
+        clock.now += 1.0
+        consumer_says(broker, "9090", Command.HEARTBEAT)
+        broker.tick(clock.now)
+    assert "9090" in broker.consumers
+    assert any(m.command is Command.HEARTBEAT for m in to(broker, "9090"))
+
+
+def test_a_joining_consumer_gets_a_partition_only_after_the_old_owner_acks():
+    broker, _ = make(partitions=2)
+    hello(broker)
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
+    put(broker, b"{}", b"{}")  # one record in each partition
+    held = to(broker, "9090")
+    assert sorted(m.header["partition"] for m in held if m.command is Command.RECORDS) == [0, 1]
+    consumer_says(broker, "9091", Command.HELLO)
+    consumer_says(broker, "9091", Command.FETCH, {"credit": 10})
+    assert broker.partitions[1].owner == "9090" and broker.partitions[1].target == "9091"
+    put(broker, b"{}", b"{}")
+    assert [m.command for m in to(broker, "9091")] == []  # Q2 still draining at 9090
+    q2 = next(m for m in held if m.command is Command.RECORDS and m.header["partition"] == 1)
+    consumer_says(broker, "9090", Command.ACK, {"partition": 1, "epoch": q2.header["epoch"],
+                                                "offsets": [0]})
+    got = [m for m in to(broker, "9091") if m.command is Command.RECORDS]
+    assert [(m.header["partition"], m.header["epoch"]) for m in got] == [
+        (1, q2.header["epoch"] + 1)]
+
+
+def test_ack_errors_are_reported_to_the_consumer():
+    broker, _ = make(partitions=1)
+    consumer_says(broker, "9090", Command.HELLO)
+    replies = consumer_says(broker, "9090", Command.ACK,
+                            {"partition": 0, "epoch": 99, "offsets": [0]})
+    assert proto.error_of(replies[-1])[0] == "STALE_EPOCH"
+    replies = consumer_says(broker, "9090", Command.ACK,
+                            {"partition": 5, "epoch": 1, "offsets": [0]})
+    assert proto.error_of(replies[-1])[0] == "BAD_MESSAGE"
+
+
+def test_bye_releases_and_rebalances():
+    broker, _ = make(partitions=2)
+    hello(broker)
+    for name in ("9090", "9091"):
+        consumer_says(broker, name, Command.HELLO)
+        consumer_says(broker, name, Command.FETCH, {"credit": 5})
+    put(broker, b"{}", b"{}")
+    to(broker, "9091")
+    consumer_says(broker, "9091", Command.BYE)
+    assert [p.owner for p in broker.partitions] == ["9090", "9090"]
+    assert broker.partitions[1].released_total == 1
+
+
+def test_stats_are_answered_without_registration():
+    broker, _ = make(partitions=2)
+    snap = producer_says(broker, Command.STATS).header
+    assert [p["partition"] for p in snap["partitions"]] == [0, 1]
+    assert snap["ready"] is True

@@ -1,0 +1,165 @@
+"""Integration: three producer services, the broker and three consumers in one process over
+inproc, persisting into SQLite (and, in test_postgres.py, PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import zmq
+from helpers import Fabric, recv, wait_until
+from sqlalchemy import select
+
+from zmqlab import protocol as proto
+from zmqlab.producer import make_record
+from zmqlab.protocol import Command
+from zmqlab.store import RECORDS, make_engine
+
+
+def stored_rows(db_url: str) -> list[Any]:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(RECORDS)).mappings())
+    finally:
+        engine.dispose()
+
+
+def run_seed_scenario(ctx: zmq.Context[Any], db_url: str, per_producer: int = 200) -> None:
+    """Given 3 producers, a broker with 6 partitions and 3 consumers,
+    when every producer's clients send records concurrently,
+    then every record is acknowledged, stored exactly once, and gone from the queue."""
+    fabric = Fabric(ctx, db_url).start()
+    try:
+        wait_until(lambda: all(c.registered for c in fabric.consumers.values()), what="consumers")
+        acks: dict[str, Any] = {}
+        failures: list[BaseException] = []
+
+        def produce(name: str) -> None:
+            try:
+                with fabric.client(name) as client:
+                    for start in range(0, per_producer, 25):
+                        batch = [make_record({"producer": name, "n": n},
+                                             key=None if n % 2 else f"k{n % 7}")
+                                 for n in range(start, start + 25)]
+                        for ack in client.send_batch(batch):
+                            acks[ack.id] = ack
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=produce, args=(n,)) for n in fabric.producers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures
+        total = 3 * per_producer
+        assert len(acks) == total and not any(a.duplicate for a in acks.values())
+
+        wait_until(lambda: len(stored_rows(db_url)) >= total, what="all records stored")
+        rows = stored_rows(db_url)
+        assert sorted(r["id"] for r in rows) == sorted(acks)  # each exactly once
+        for row in rows:
+            ack = acks[row["id"]]
+            assert (row["partition"], row["offset"]) == (ack.partition, ack.offset)
+            assert row["producer"] == row["payload"]["producer"]
+            assert row["consumer"] in fabric.consumers
+            assert row["attempt"] == 1
+        # Ownership: every partition's rows were stored by its round-robin owner.
+        owners = {p: str(9090 + p % 3) for p in range(6)}
+        assert all(row["consumer"] == owners[row["partition"]] for row in rows)
+
+        def queue_empty() -> bool:
+            snap = fabric.status()
+            return all(p["depth"] == 0 for p in snap["partitions"]) and snap["held_ids"] == 0
+
+        wait_until(queue_empty, what="the queue to drain")
+        snap = fabric.status()
+        assert sum(p["acked"] for p in snap["partitions"]) == total
+        assert {p["name"] for p in snap["producers"]} == set(fabric.producers)
+    finally:
+        fabric.stop()
+
+
+def test_every_record_acknowledged_stored_once_and_removed(ctx, db_url):
+    run_seed_scenario(ctx, db_url)
+
+
+def test_queue_keeps_a_delivered_record_until_it_is_acknowledged(ctx, db_url, endpoint):
+    """Given a consumer that takes a record and never acknowledges it,
+    then the broker keeps it (in flight); when that consumer vanishes, the record is released
+    and a real consumer stores it, with its attempt raised."""
+    fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=1)
+    fabric.start()
+    silent = ctx.socket(zmq.DEALER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.setsockopt(zmq.IDENTITY, b"9095")
+    silent.connect(fabric.backend)
+    try:
+        silent.send_multipart([b"", *proto.encode(Command.HELLO, {"role": "consumer"})])
+        assert proto.decode(recv(silent)[1:]).command is Command.WELCOME
+        silent.send_multipart([b"", *proto.encode(Command.FETCH, {"credit": 10})])
+        with fabric.client() as client:
+            ack = client.send({"keep": "me"})
+
+        def records() -> proto.Message | None:
+            message = proto.decode(recv(silent)[1:])
+            return message if message.command is Command.RECORDS else None
+
+        delivered = wait_until(records, what="RECORDS")
+        assert delivered.header["records"][0][1] == ack.id
+        snap = fabric.status()["partitions"][0]
+        assert (snap["depth"], snap["inflight"], snap["owner"]) == (1, 1, "9095")
+
+        # The silent consumer disappears without BYE: expiry releases its record.
+        silent.close(0)
+        fabric.add_consumer("9090")
+        rows = wait_until(lambda: stored_rows(db_url), what="the released record stored")
+        assert [(r["id"], r["attempt"], r["consumer"]) for r in rows] == [(ack.id, 2, "9090")]
+        wait_until(lambda: fabric.status()["partitions"][0]["depth"] == 0, what="removal")
+    finally:
+        fabric.stop()
+
+
+def test_producer_service_groups_concurrent_clients_into_batches(ctx, db_url):
+    fabric = Fabric(ctx, db_url, producers=1, consumers=1).start()
+    try:
+        barrier = threading.Barrier(8)
+        results: list[int] = []
+
+        def client() -> None:
+            with fabric.client("8080") as c:
+                barrier.wait(10)
+                results.extend(a.offset for a in c.send_batch(
+                    [make_record({"i": i}) for i in range(50)]))
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(results) == 400
+        stats = fabric.status()
+        assert sum(p["appended"] for p in stats["partitions"]) == 400
+        service = fabric.producers["8080"]
+        assert service.stats["acked"] == 400
+        assert service.stats["batches"] < 8  # concurrent clients shared PUTs to the broker
+        wait_until(lambda: len(stored_rows(db_url)) == 400, what="stored")
+    finally:
+        fabric.stop()
+
+
+@pytest.mark.parametrize("payload", [b"[1, 2]", b"not json", b'{"a": 1'])
+def test_invalid_payloads_are_refused_and_the_rest_accepted(ctx, db_url, payload):
+    fabric = Fabric(ctx, db_url, producers=1, consumers=0).start()
+    try:
+        from zmqlab.producer import RecordsRefused
+
+        with fabric.client("8080") as c, pytest.raises(RecordsRefused) as caught:
+            c.send_batch([make_record({"ok": 1}), make_record(payload), make_record({"ok": 2})])
+        assert [r.code for r in caught.value.refusals] == ["INVALID_RECORD"]
+        assert len(caught.value.acks) == 2
+        assert sum(p["depth"] for p in fabric.status()["partitions"]) == 2
+    finally:
+        fabric.stop()

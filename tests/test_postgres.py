@@ -1,0 +1,35 @@
+"""The integration scenario against the real PostgreSQL server (skips locally if it is down,
+fails in CI, where .ci/run makes sure it runs)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from test_fabric_inproc import run_seed_scenario
+
+from zmqlab.store import DEAD_LETTERS, RECORDS, Batch, Delivery, Sink
+
+pytestmark = pytest.mark.postgres
+
+
+def test_seed_scenario_on_postgresql(ctx, pg_url):
+    run_seed_scenario(ctx, pg_url, per_producer=150)
+
+
+def test_postgresql_sink_is_idempotent_and_dead_letters_what_jsonb_refuses(pg_url):
+    sink = Sink.open(pg_url, "9090", max_attempts=1)
+    good = Delivery(2, 0, "ok-1", "k", "8080", 1_700_000_000.0, 1, b'{"n": 1}')
+    # JSONB cannot hold \u0000: a record PostgreSQL itself refuses, a real poison record.
+    nul = Delivery(2, 1, "nul-1", None, "8080", 1_700_000_000.0, 1, b'{"s": "\\u0000"}')
+    first = sink.store([Batch(2, 1, [good, nul])])[0]
+    assert first.inserted == 1 and [d.id for d in first.failed] == ["nul-1"]
+    second = sink.store([Batch(2, 1, first.failed)])[0]
+    assert (second.dead, second.done) == (1, True)
+    again = sink.store([Batch(2, 2, [good])])[0]
+    assert (again.inserted, again.duplicates) == (0, 1)
+    with sink.engine.connect() as conn:
+        assert [r.id for r in conn.execute(select(RECORDS.c.id))] == ["ok-1"]
+        (dead,) = conn.execute(select(DEAD_LETTERS)).mappings()
+        assert dead["id"] == "nul-1"
+        assert "unsupported Unicode escape" in dead["last_error"]
+    sink.close()

@@ -1,0 +1,86 @@
+"""The idempotent SQL sink and dead-lettering, on SQLite (PostgreSQL in test_postgres.py)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from zmqlab.errors import ConfigError, SinkUnavailable
+from zmqlab.store import DEAD_LETTERS, RECORDS, Batch, Delivery, Sink, load_transform, make_engine
+
+
+def delivery(n: int, attempt: int = 1, payload: bytes | None = None) -> Delivery:
+    return Delivery(0, n, f"id{n}", None, "8080", 1_700_000_000.0 + n, attempt,
+                    payload if payload is not None else b'{"n": %d}' % n)
+
+
+def rows(sink: Sink, table=RECORDS):
+    with sink.engine.connect() as conn:
+        return list(conn.execute(select(table)).mappings())
+
+
+def test_a_batch_is_stored_and_a_redelivery_stores_nothing_twice(db_url):
+    sink = Sink.open(db_url, "9090")
+    first = sink.store([Batch(0, 1, [delivery(0), delivery(1)])])
+    assert (first[0].inserted, first[0].duplicates, first[0].done) == (2, 0, True)
+    again = sink.store([Batch(0, 2, [delivery(1, attempt=2), delivery(2)])])
+    assert (again[0].inserted, again[0].duplicates) == (1, 1)
+    stored = rows(sink)
+    assert sorted(r["id"] for r in stored) == ["id0", "id1", "id2"]
+    assert stored[0]["payload"] == {"n": 0}  # raw JSON text stored as a JSON object
+    assert stored[0]["consumer"] == "9090"
+    sink.close()
+
+
+def test_records_that_died_with_their_consumers_too_often_become_dead_letters(db_url):
+    sink = Sink.open(db_url, "9090", max_attempts=3)
+    outcome = sink.store([Batch(0, 1, [delivery(0, attempt=4), delivery(1, attempt=3)])])[0]
+    assert (outcome.inserted, outcome.dead, outcome.done) == (1, 1, True)
+    (dead,) = rows(sink, DEAD_LETTERS)
+    assert (dead["id"], dead["attempts"]) == ("id0", 3)
+    assert "consumer died" in dead["last_error"]
+    sink.close()
+
+
+def refuse_poison(payload: dict) -> dict:
+    if payload.get("poison"):
+        raise ValueError("poison record")
+    return {**payload, "seen": True}
+
+
+def test_a_record_that_fails_is_retried_then_dead_lettered_while_others_are_stored(db_url):
+    sink = Sink.open(db_url, "9090", max_attempts=3, transform=refuse_poison)
+    bad = delivery(1, payload=b'{"poison": true}')
+    first = sink.store([Batch(0, 1, [delivery(0), bad, delivery(2)])])[0]
+    assert first.inserted == 2 and [d.id for d in first.failed] == ["id1"]
+    assert rows(sink)[0]["payload"] == {"n": 0, "seen": True}
+    second = sink.store([Batch(0, 1, first.failed)])[0]
+    assert second.failed and second.failed[0].failures == 2
+    third = sink.store([Batch(0, 1, second.failed)])[0]
+    assert not third.done and third.failed[0].failures == 3
+    fourth = sink.store([Batch(0, 1, third.failed)])[0]
+    assert (fourth.dead, fourth.done) == (1, True)
+    (dead,) = rows(sink, DEAD_LETTERS)
+    assert (dead["id"], dead["attempts"], dead["payload"]) == ("id1", 3, '{"poison": true}')
+    assert "poison record" in dead["last_error"]
+    assert sorted(r["id"] for r in rows(sink)) == ["id0", "id2"]
+    sink.close()
+
+
+def test_a_transform_is_loaded_by_its_import_path():
+    assert load_transform("test_store:refuse_poison") is refuse_poison
+    with pytest.raises(ConfigError):
+        load_transform("no_such_module:f")
+    with pytest.raises(ConfigError):
+        load_transform("just-a-name")
+
+
+def test_an_unreachable_database_is_reported_as_unavailable():
+    with pytest.raises(SinkUnavailable):
+        Sink.open("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2", "9090")
+
+
+@pytest.mark.parametrize("url", ["mysql://x@localhost/db", "nonsense"])
+def test_unsupported_database_urls_are_clear_errors(url):
+    with pytest.raises(ConfigError):
+        make_engine(url)

@@ -1,0 +1,574 @@
+"""The load generator behind ``zmqlab load`` and ``zmqlab demo``, and the check that follows it.
+
+``run_load`` drives producer services with K client threads, each with its own ``Producer``
+(sockets never cross threads; the ZeroMQ context is shared). Clients send in batches, because
+on a small machine the CPU goes to per-message Python work: a batch of 50 costs one round trip
+instead of 50. Every loop is bounded by the record count and by ``deadline_s``.
+
+``verify`` then reads the database, bounded by its own timeout, to prove what the acks
+promised: every acknowledged record is stored exactly once. Record ids carry a per-run prefix so
+that a database holding earlier runs (the demo's default SQLite file) does not confuse the count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import zmq
+from sqlalchemy import func, select
+
+from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ZmqlabError
+from zmqlab.producer import OutRecord, Producer, RecordsRefused
+from zmqlab.store import DEAD_LETTERS, RECORDS, make_engine
+
+DEFAULT_ENDPOINTS = "tcp://127.0.0.1:8080,8081,8082"
+PACE_WINDOW_S = 0.02  # with --rate, a batch holds at most this much of a client's rate
+
+
+# -- options -----------------------------------------------------------------------------------
+def parse_endpoints(text: str) -> list[str]:
+    """Endpoints from ``tcp://h:8080,tcp://h:8081`` or the short ``tcp://h:8080,8081,8082``.
+
+    A bare port reuses the previous endpoint's scheme and host; ``host:port`` gets ``tcp://``.
+    """
+    out: list[str] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if "://" in item:
+            scheme, rest = item.split("://", 1)
+            if ":" not in rest or not rest.rsplit(":", 1)[1].isdigit():
+                raise ConfigError(f"endpoint {item!r} needs a port, like tcp://127.0.0.1:8080")
+            out.append(item)
+        elif item.isdigit():
+            if not out:
+                raise ConfigError(f"port {item} needs a host first, like tcp://127.0.0.1:{item}")
+            out.append(f"{out[-1].rsplit(':', 1)[0]}:{item}")
+        elif ":" in item and item.rsplit(":", 1)[1].isdigit():
+            out.append(f"tcp://{item}")
+        else:
+            raise ConfigError(f"not an endpoint: {item!r} (use tcp://127.0.0.1:8080 or a port)")
+    if not out:
+        raise ConfigError("no endpoint given")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """What to send and how hard; validated once so a bad option fails before any socket."""
+
+    endpoints: tuple[str, ...]
+    records: int = 10_000
+    rate: float = 0.0  # records/s over all clients; 0 = as fast as acks allow
+    size: int = 200  # payload bytes (a JSON object padded to this size)
+    clients: int = 3
+    keys: int = 0  # records spread over this many keys; 0 = no key (round-robin)
+    deadline_s: float = 60.0
+    batch: int = 50  # records per PUT from one client
+    timeout_ms: int = 2500  # per try, as the Producer client's Lazy Pirate
+    retries: int = 2  # reconnects per endpoint before failing over to the next
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ConfigError("at least one endpoint is needed")
+        for name, value, minimum in (("records", self.records, 0), ("size", self.size, 2),
+                                     ("clients", self.clients, 1), ("keys", self.keys, 0),
+                                     ("batch", self.batch, 1), ("timeout_ms", self.timeout_ms, 10),
+                                     ("retries", self.retries, 0)):
+            if value < minimum:
+                raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        if self.rate < 0 or not math.isfinite(self.rate):
+            raise ConfigError(f"rate must be >= 0 records/s, got {self.rate}")
+        if self.deadline_s <= 0:
+            raise ConfigError(f"deadline must be positive, got {self.deadline_s}")
+
+
+# -- payloads ----------------------------------------------------------------------------------
+def padded_payload(size: int, seq: int, client: int) -> bytes:
+    """A JSON object of exactly ``size`` bytes (or the smallest possible when ``size`` is tiny)."""
+    head = f'{{"seq":{seq},"client":{client},"pad":"'
+    fill = size - len(head) - 2
+    if fill < 0:
+        return b'{"seq":%d}' % seq
+    return (head + "x" * fill + '"}').encode()
+
+
+# -- report ------------------------------------------------------------------------------------
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted sequence (None when empty)."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 3)
+
+
+@dataclass
+class VerifyReport:
+    """What the database holds for one run's records."""
+
+    expected: int = 0  # acknowledged ids we looked for
+    persisted: int = 0  # acknowledged ids found in ``records``
+    lost: int = 0  # acknowledged, and in neither ``records`` nor ``dead_letters``
+    dead_lettered: int = 0  # acknowledged, found only in ``dead_letters``
+    duplicates: int = 0  # ids in both tables (``records``' primary key rules out the rest)
+    unexpected: int = 0  # this run's rows whose id was never acknowledged
+    waited_s: float = 0.0
+    timed_out: bool = False
+    e2e_s: list[float] = field(default_factory=list, repr=False)  # sorted
+    by_consumer: dict[str, int] = field(default_factory=dict)
+    by_partition: dict[int, int] = field(default_factory=dict)
+    missing_sample: list[str] = field(default_factory=list)
+    span_s: float = 0.0  # first record created -> last record stored
+
+    @property
+    def throughput_rps(self) -> float:
+        """End-to-end throughput: records stored per second from first creation to last store."""
+        return self.persisted / self.span_s if self.span_s > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicates == 0 and self.dead_lettered == 0
+
+
+@dataclass
+class LoadReport:
+    """The outcome of one load: counts, refusals by code, latencies, and what ``verify`` saw."""
+
+    options: LoadOptions
+    run_id: str
+    records: int = 0
+    sent: int = 0
+    acked: int = 0
+    retried: int = 0
+    refused: int = 0
+    refusals: dict[str, dict[str, Any]] = field(default_factory=dict)  # code -> count, reason
+    acked_duplicate: int = 0  # acks that said "already queued" (a retry after a lost reply)
+    failovers: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    ack_latency_s: list[float] = field(default_factory=list, repr=False)  # sorted, per record
+    acked_ids: dict[str, float] = field(default_factory=dict, repr=False)  # id -> created_at
+    verified: VerifyReport | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.run_id + "-"
+
+    @property
+    def unacked(self) -> int:
+        """Records that were neither acknowledged nor refused (deadline, stop, endpoint down)."""
+        return self.records - self.acked - self.refused
+
+    @property
+    def throughput_rps(self) -> float:
+        return self.acked / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Everything acknowledged and nothing refused; and, when verified, nothing lost."""
+        clean = self.acked == self.records and not self.refused and not self.interrupted
+        return clean and (self.verified is None or self.verified.ok)
+
+    def to_json(self) -> dict[str, Any]:
+        lat, v = self.ack_latency_s, self.verified
+        e2e = v.e2e_s if v is not None else []
+        return {
+            "records": self.records, "sent": self.sent, "acked": self.acked,
+            "retried": self.retried, "refused": self.refused, "refusals": self.refusals,
+            "unacked": self.unacked, "acked_duplicate": self.acked_duplicate,
+            "seconds": round(self.seconds, 3), "throughput_rps": round(self.throughput_rps, 1),
+            "ack_p50_ms": _ms(percentile(lat, 50)), "ack_p90_ms": _ms(percentile(lat, 90)),
+            "ack_p99_ms": _ms(percentile(lat, 99)), "ack_max_ms": _ms(lat[-1] if lat else None),
+            "persisted": v.persisted if v else None, "lost": v.lost if v else None,
+            "duplicates": v.duplicates if v else None,
+            "dead_lettered": v.dead_lettered if v else None,
+            "unexpected": v.unexpected if v else None,
+            "verify_timed_out": v.timed_out if v else None,
+            "e2e_p50_ms": _ms(percentile(e2e, 50)), "e2e_p90_ms": _ms(percentile(e2e, 90)),
+            "e2e_p99_ms": _ms(percentile(e2e, 99)), "e2e_max_ms": _ms(e2e[-1] if e2e else None),
+            "e2e_throughput_rps": round(v.throughput_rps, 1) if v else None,
+            "by_consumer": v.by_consumer if v else None,
+            "run_id": self.run_id, "endpoints": list(self.options.endpoints),
+            "clients": self.options.clients, "batch": self.options.batch,
+            "size": self.options.size, "rate": self.options.rate,
+            "interrupted": self.interrupted, "ok": self.ok,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A consistent view of the counters, for a progress bar."""
+
+    records: int
+    sent: int
+    acked: int
+    refused: int
+    retried: int
+    elapsed_s: float
+
+
+# -- the clients -------------------------------------------------------------------------------
+class _Shared:
+    """Counters the client threads add to, under one lock, once per batch."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.acked = 0
+        self.refused = 0
+        self.retried = 0
+
+
+@dataclass
+class _ClientResult:
+    acked: dict[str, float] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    refusals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sent: int = 0
+    refused: int = 0
+    failovers: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def refuse(self, code: str, reason: str, count: int) -> None:
+        entry = self.refusals.setdefault(code, {"count": 0, "reason": reason})
+        entry["count"] += count
+        self.refused += count
+
+
+class _Stopped(Exception):
+    """The load was stopped while a batch was backing off."""
+
+
+class _Client:
+    """One thread's share of the load: its records, its pace, its Producer."""
+
+    def __init__(self, number: int, count: int, first_seq: int, options: LoadOptions,
+                 run_id: str, context: zmq.Context[Any], shared: _Shared,
+                 stop: threading.Event, deadline: float) -> None:
+        self.number = number
+        self.count = count
+        self.first_seq = first_seq
+        self.options = options
+        self.run_id = run_id
+        self.context = context
+        self.shared = shared
+        self.stop = stop
+        self.deadline = deadline
+        self.result = _ClientResult()
+        endpoints = options.endpoints
+        # Spread clients over endpoints; failover walks the list from there.
+        self.endpoints = [endpoints[(number + i) % len(endpoints)] for i in range(len(endpoints))]
+        self._endpoint_index = 0
+        self._retries_seen = 0
+        self._producer_now = self._producer(self.endpoints[0])  # its socket opens on first use
+
+    def _producer(self, endpoint: str) -> Producer:
+        return Producer(endpoint, name=f"load-{self.run_id}-{self.number}", context=self.context,
+                        timeout_ms=self.options.timeout_ms, retries=self.options.retries)
+
+    def _records(self, start: int, n: int) -> list[OutRecord]:
+        keys, size, number = self.options.keys, self.options.size, self.number
+        now = time.time()
+        return [OutRecord(padded_payload(size, seq, number), f"{self.run_id}-{seq}",
+                          f"key-{seq % keys}" if keys else None, now)
+                for seq in range(start, start + n)]
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by run_load; a thread must not die silently
+            self.result.error = exc
+
+    def _run(self) -> None:
+        options, result = self.options, self.result
+        per_client_rate = options.rate / options.clients if options.rate else 0.0
+        batch = options.batch
+        if per_client_rate:
+            batch = max(1, min(batch, int(per_client_rate * PACE_WINDOW_S)))
+        started = time.monotonic()
+        done = 0
+        try:
+            while done < self.count and not self.stop.is_set():
+                now = time.monotonic()
+                if now >= self.deadline:
+                    break
+                if per_client_rate:
+                    due = started + done / per_client_rate
+                    if due > now:  # pacing for --rate, not synchronisation
+                        self.stop.wait(min(due - now, self.deadline - now))
+                        continue
+                n = min(batch, self.count - done)
+                records = self._records(self.first_seq + done, n)
+                with self.shared.lock:
+                    self.shared.sent += n
+                result.sent += n
+                sent_at = time.monotonic()
+                try:
+                    acks, refused, go_on = self._send(records)
+                finally:
+                    self._publish_retries()
+                latency = time.monotonic() - sent_at
+                for record in records:
+                    if record.id in acks:
+                        result.acked[record.id] = record.created_at
+                result.latencies.extend([latency] * len(acks))
+                done += n
+                with self.shared.lock:
+                    self.shared.acked += len(acks)
+                    self.shared.refused += refused
+                if not go_on:
+                    break
+        finally:
+            self._merge_stats(self._producer_now)
+            self._producer_now.close()
+
+    def _send(self, records: list[OutRecord]) -> tuple[set[str], int, bool]:
+        """(acknowledged ids, refused count, carry on) for one batch, failing over if silent."""
+        n, result = len(records), self.result
+        tried: list[str] = []
+        while True:
+            producer = self._producer_now
+            producer.deadline_s = max(0.05, self.deadline - time.monotonic())
+            try:
+                return {a.id for a in producer.send_batch(records, sleep=self._pause)}, 0, True
+            except _Stopped:
+                return set(), 0, False  # outcome unknown; the report says interrupted
+            except RecordsRefused as exc:
+                for refusal in exc.refusals:
+                    result.refuse(refusal.code, refusal.reason, 1)
+                return {a.id for a in exc.acks}, len(exc.refusals), True
+            except BrokerUnavailable:
+                # Failover: the same ids on the next endpoint are idempotent at the broker.
+                tried.append(producer.endpoint)
+                if self._endpoint_index + 1 >= len(self.endpoints) or self.stop.is_set():
+                    result.refuse("UNAVAILABLE", f"no answer from {', '.join(tried)} "
+                                  f"({options_tries(self.options)})", n)
+                    return set(), n, False  # every endpoint is silent: the rest stays unsent
+                self._endpoint_index += 1
+                result.failovers += 1
+                self._publish_retries(failover=True)
+                self._merge_stats(producer)
+                producer.close()
+                self._producer_now = self._producer(self.endpoints[self._endpoint_index])
+                self._retries_seen = 0
+            except BrokerRejected as exc:  # the whole request refused (e.g. HELLO refused)
+                result.refuse(exc.code, exc.reason, n)
+                return set(), n, True
+            except ZmqlabError as exc:  # e.g. a garbled reply: count it, keep going
+                result.refuse(str(getattr(exc, "code", type(exc).__name__)), str(exc), n)
+                return set(), n, True
+
+    def _publish_retries(self, failover: bool = False) -> None:
+        """Add the current Producer's new retries (and a failover) to the progress counters."""
+        seen = _retries(self._producer_now.stats)
+        delta, self._retries_seen = seen - self._retries_seen, seen
+        with self.shared.lock:
+            self.shared.retried += delta + failover
+
+    def _pause(self, seconds: float) -> None:
+        """Backoff between retries of refused records that ends at once when stopped."""
+        if self.stop.wait(seconds):
+            raise _Stopped
+
+    def _merge_stats(self, producer: Producer) -> None:
+        for key, value in producer.stats.items():
+            self.result.stats[key] = self.result.stats.get(key, 0) + value
+
+
+def options_tries(options: LoadOptions) -> str:
+    return f"{options.retries + 1} tries of {options.timeout_ms} ms each"
+
+
+def _retries(stats: Mapping[str, int]) -> int:
+    return stats.get("backpressure_retries", 0) + stats.get("reconnects", 0)
+
+
+def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | None = None,
+             progress_interval_s: float = 0.1, stop: threading.Event | None = None,
+             run_id: str | None = None) -> LoadReport:
+    """Send ``options.records`` records and return what happened to them.
+
+    Blocks until every client finished, the deadline passed, or ``stop`` was set (also set on
+    KeyboardInterrupt, which then ends the load early with ``interrupted`` in the report).
+    ``progress`` is called on this thread about every ``progress_interval_s``.
+    """
+    stop = stop or threading.Event()
+    run_id = run_id or uuid.uuid4().hex[:12]
+    report = LoadReport(options, run_id, records=options.records)
+    context: zmq.Context[Any] = zmq.Context()
+    shared = _Shared()
+    began = time.monotonic()
+    deadline = began + options.deadline_s
+    share, extra = divmod(options.records, options.clients)
+    clients: list[_Client] = []
+    first = 0
+    for number in range(options.clients):
+        count = share + (1 if number < extra else 0)
+        clients.append(_Client(number, count, first, options, run_id, context, shared, stop,
+                               deadline))
+        first += count
+    threads = [threading.Thread(target=c.run, name=f"zmqlab-load-{c.number}", daemon=True)
+               for c in clients if c.count]
+    for thread in threads:
+        thread.start()
+
+    def snapshot() -> Progress:
+        with shared.lock:
+            return Progress(options.records, shared.sent, shared.acked, shared.refused,
+                            shared.retried, time.monotonic() - began)
+
+    # Clients end by the deadline plus one in-flight request's tries (and a backoff).
+    hard_stop = deadline + (options.retries + 1) * options.timeout_ms / 1000 * 2 + 5
+    try:
+        for thread in threads:
+            while thread.is_alive() and time.monotonic() < hard_stop:
+                thread.join(progress_interval_s)
+                if progress is not None:
+                    progress(snapshot())
+    except KeyboardInterrupt:
+        report.interrupted = True
+        stop.set()
+        for thread in threads:
+            thread.join(max(0.0, hard_stop - time.monotonic()))
+    report.seconds = time.monotonic() - began
+    if stop.is_set():
+        report.interrupted = True
+    if progress is not None:
+        progress(snapshot())
+    stuck = any(t.is_alive() for t in threads)
+    latencies: list[float] = []
+    for client in clients:
+        result = client.result
+        if result.error is not None:
+            raise result.error
+        report.sent += result.sent
+        report.acked += len(result.acked)
+        report.acked_ids.update(result.acked)
+        report.refused += result.refused
+        report.failovers += result.failovers
+        for code, entry in result.refusals.items():
+            merged = report.refusals.setdefault(code, {"count": 0, "reason": entry["reason"]})
+            merged["count"] += entry["count"]
+        report.retried += _retries(result.stats) + result.failovers
+        report.acked_duplicate += result.stats.get("duplicates", 0)
+        latencies.extend(result.latencies)
+    latencies.sort()
+    report.ack_latency_s = latencies
+    if not stuck:  # sockets are closed by their threads; a stuck one would block term()
+        context.term()
+    return report
+
+
+# -- verification ------------------------------------------------------------------------------
+def _seconds(created: datetime, stored: datetime) -> float:
+    if created.tzinfo is None:  # SQLite hands back naive datetimes (stored as UTC)
+        created = created.replace(tzinfo=UTC)
+    if stored.tzinfo is None:
+        stored = stored.replace(tzinfo=UTC)
+    return (stored - created).total_seconds()
+
+
+def verify(db_url: str, acked_ids: Collection[str],
+           created_times: Mapping[str, float] | None = None, timeout_s: float = 30.0, *,
+           prefix: str | None = None, poll_s: float = 0.2,
+           stop: threading.Event | None = None) -> VerifyReport:
+    """Wait (at most ``timeout_s``) until every acknowledged id is stored, then account for all.
+
+    ``prefix`` limits the check to this run's ids (``LoadReport.prefix``), so earlier runs in
+    the same database are neither "unexpected" nor slow to read. ``created_times`` (id to the
+    client's creation time) is used for end-to-end latency when a row's ``created_at`` column
+    is missing; normally the columns are used, because they are what the consumer stored.
+    """
+    stop = stop or threading.Event()
+    expected = set(acked_ids)
+    report = VerifyReport(expected=len(expected))
+    engine = make_engine(db_url)
+    began = time.monotonic()
+    deadline = began + timeout_s
+    try:
+        ids_where = RECORDS.c.id.startswith(prefix) if prefix else None
+        count_query = select(func.count()).select_from(RECORDS)
+        if ids_where is not None:
+            count_query = count_query.where(ids_where)
+        while True:
+            with engine.connect() as conn:
+                stored = int(conn.execute(count_query).scalar_one())
+            if stored >= len(expected):
+                rows = _rows(engine, prefix)
+                if expected <= rows.keys():
+                    break
+            if time.monotonic() >= deadline or stop.is_set():
+                report.timed_out = True
+                rows = _rows(engine, prefix)
+                break
+            stop.wait(poll_s)  # a short pause between polls of the database
+        dead = _dead_ids(engine, prefix)
+    finally:
+        engine.dispose()
+    report.waited_s = time.monotonic() - began
+    created_times = created_times or {}
+    latencies: list[float] = []
+    first: datetime | None = None
+    last: datetime | None = None
+    for record_id, (created, stored_at, consumer, partition) in rows.items():
+        report.by_consumer[consumer] = report.by_consumer.get(consumer, 0) + 1
+        report.by_partition[partition] = report.by_partition.get(partition, 0) + 1
+        if record_id not in expected:
+            report.unexpected += 1
+            continue
+        report.persisted += 1
+        if created is not None and stored_at is not None:
+            latencies.append(_seconds(created, stored_at))
+            first = created if first is None else min(first, created)
+            last = stored_at if last is None else max(last, stored_at)
+        elif record_id in created_times and stored_at is not None:
+            latencies.append(_seconds(datetime.fromtimestamp(created_times[record_id], UTC),
+                                      stored_at))
+    missing = expected - rows.keys()
+    report.dead_lettered = len(missing & dead)
+    lost = missing - dead
+    report.lost = len(lost)
+    report.missing_sample = sorted(lost)[:10]
+    report.duplicates = len(dead & rows.keys())
+    report.unexpected += len(dead - expected)
+    latencies.sort()
+    report.e2e_s = latencies
+    if first is not None and last is not None:
+        report.span_s = _seconds(first, last)
+    report.by_consumer = dict(sorted(report.by_consumer.items()))
+    report.by_partition = dict(sorted(report.by_partition.items()))
+    return report
+
+
+def _rows(engine: Any, prefix: str | None) -> dict[str, tuple[Any, Any, str, int]]:
+    query = select(RECORDS.c.id, RECORDS.c.created_at, RECORDS.c.stored_at, RECORDS.c.consumer,
+                   RECORDS.c.partition)
+    if prefix:
+        query = query.where(RECORDS.c.id.startswith(prefix))
+    with engine.connect() as conn:
+        return {row[0]: (row[1], row[2], row[3], row[4]) for row in conn.execute(query)}
+
+
+def _dead_ids(engine: Any, prefix: str | None) -> set[str]:
+    query = select(DEAD_LETTERS.c.id)
+    if prefix:
+        query = query.where(DEAD_LETTERS.c.id.startswith(prefix))
+    with engine.connect() as conn:
+        return {row[0] for row in conn.execute(query)}
