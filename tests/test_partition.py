@@ -34,7 +34,7 @@ def test_ack_removes_and_frees_space():
     p.append(entry(1))
     p.take(2)
     removed = p.ack("9090", p.epoch, [0])
-    assert [e.id for e in removed] == ["id0"]
+    assert [(o, e.id) for o, e in removed] == [(0, "id0")]
     assert (p.depth, p.inflight) == (1, 1)
     assert p.append(entry(2)) == 2  # offsets only grow; slot reused
 
@@ -46,7 +46,7 @@ def test_out_of_order_ack_removes_once_the_head_is_acknowledged():
     p.take(3)
     assert p.ack("9090", p.epoch, [1, 2]) == []
     assert p.depth == 3
-    assert [e.id for e in p.ack("9090", p.epoch, [0])] == ["id0", "id1", "id2"]
+    assert [e.id for _, e in p.ack("9090", p.epoch, [0])] == ["id0", "id1", "id2"]
 
 
 @pytest.mark.parametrize("who, epoch_delta, offsets, code", [

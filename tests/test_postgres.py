@@ -24,7 +24,7 @@ def test_postgresql_sink_is_idempotent_and_dead_letters_what_jsonb_refuses(pg_ur
     first = sink.store([Batch(2, 1, [good, nul])])[0]
     assert first.inserted == 1 and [d.id for d in first.failed] == ["nul-1"]
     second = sink.store([Batch(2, 1, first.failed)])[0]
-    assert (second.dead, second.done) == (1, True)
+    assert (second.dead, second.done) == ([1], True)
     again = sink.store([Batch(2, 2, [good])])[0]
     assert (again.inserted, again.duplicates) == (0, 1)
     with sink.engine.connect() as conn:

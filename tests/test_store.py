@@ -35,7 +35,7 @@ def test_a_batch_is_stored_and_a_redelivery_stores_nothing_twice(db_url):
 def test_records_that_died_with_their_consumers_too_often_become_dead_letters(db_url):
     sink = Sink.open(db_url, "9090", max_attempts=3)
     outcome = sink.store([Batch(0, 1, [delivery(0, attempt=4), delivery(1, attempt=3)])])[0]
-    assert (outcome.inserted, outcome.dead, outcome.done) == (1, 1, True)
+    assert (outcome.inserted, outcome.dead, outcome.done) == (1, [0], True)
     (dead,) = rows(sink, DEAD_LETTERS)
     assert (dead["id"], dead["attempts"]) == ("id0", 3)
     assert "consumer died" in dead["last_error"]
@@ -59,7 +59,7 @@ def test_a_record_that_fails_is_retried_then_dead_lettered_while_others_are_stor
     third = sink.store([Batch(0, 1, second.failed)])[0]
     assert not third.done and third.failed[0].failures == 3
     fourth = sink.store([Batch(0, 1, third.failed)])[0]
-    assert (fourth.dead, fourth.done) == (1, True)
+    assert (fourth.dead, fourth.done) == ([1], True)
     (dead,) = rows(sink, DEAD_LETTERS)
     assert (dead["id"], dead["attempts"], dead["payload"]) == ("id1", 3, '{"poison": true}')
     assert "poison record" in dead["last_error"]

@@ -80,7 +80,7 @@ class Broker(Node):
         self.started_at = clock()
         self._next_heartbeat = 0.0
         self.counters = {"put": 0, "duplicates": 0, "refused": 0, "delivered": 0, "acked": 0,
-                         "released": 0, "expired": 0}
+                         "released": 0, "expired": 0, "dead": 0}
 
     # -- loop --------------------------------------------------------------------------------
     def serve(self, control: zmq.Socket[Any]) -> None:
@@ -358,13 +358,19 @@ class Broker(Node):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
         if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be integers")
+        dead = message.header.get("dead", [])
+        if not isinstance(dead, list) or not set(dead) <= set(offsets):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must list some of the offsets")
         removed = self.partitions[number].ack(state.name, epoch, offsets)
         state.acked += len(offsets)
         self.counters["acked"] += len(offsets)
+        self.counters["dead"] += len(dead)
         held, recent, window = self._held, self._recent, self.config.dedupe_window
-        for entry in removed:
+        dead_ids = {e.id for o, e in removed if o in dead} if dead else ()
+        for _, entry in removed:
             position = held.pop(entry.id, None)
-            if position is not None and window:
+            # A dead letter was not stored: replaying it with its id must not look like a retry.
+            if position is not None and window and entry.id not in dead_ids:
                 recent[entry.id] = position
         while len(recent) > window:
             recent.popitem(last=False)
@@ -444,8 +450,9 @@ class Broker(Node):
                 silent = now - state.last_seen
                 self._remove_consumer(name, f"expired: silent for {silent:.1f} s", now)
         for identity, producer in list(self.producers.items()):
-            if now - producer.last_seen > self.config.producer_idle_s:
+            if now - producer.last_seen > expiry:  # it says HELLO again when it comes back
                 del self.producers[identity]
+                self.log.info("producer expired name=%s", producer.name)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_ms / 1000
             for name in self.consumers:

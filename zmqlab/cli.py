@@ -289,6 +289,67 @@ def assign(
         out.print(line, highlight=False)
 
 
+dead_app = typer.Typer(no_args_is_help=True,
+                       help="Dead letters: records that failed --max-attempts times.")
+app.add_typer(dead_app, name="dead")
+
+
+@dead_app.command("list")
+def dead_list(
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy database URL.")] = DEFAULT_DB_URL,
+    id: Annotated[list[str] | None, typer.Option("--id", help="Only these ids (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+) -> None:
+    """Show dead letters: id, partition, attempts, last error, payload."""
+    from zmqlab.deadletters import list_dead
+
+    try:
+        rows = list_dead(db, id or (), limit)
+    except ZmqlabError as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(data=rows, default=str)
+        return
+    table = Table(title=f"{len(rows)} dead letter(s) in {db}")
+    for column in ("id", "partition", "offset", "key", "attempts", "failed at", "last error",
+                   "payload"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["id"], f"Q{r['partition'] + 1}", str(r["offset"]), r["key"] or "-",
+                      str(r["attempts"]), str(r["failed_at"])[:19], r["last_error"],
+                      r["payload"][:200])
+    out.print(table)
+
+
+@dead_app.command("replay")
+def dead_replay(
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy database URL.")] = DEFAULT_DB_URL,
+    to: Annotated[str, typer.Option(help="A producer service (or the broker's frontend).")] = "tcp://127.0.0.1:8080",
+    id: Annotated[list[str] | None, typer.Option("--id", help="Only these ids (repeatable).")] = None,
+    timeout_ms: Annotated[int, typer.Option(min=10)] = 2500,
+    retries: Annotated[int, typer.Option(min=0)] = 3,
+) -> None:
+    """Put dead letters back in the queue (all, or --id ones); each is deleted once acked."""
+    from zmqlab.deadletters import replay
+
+    try:
+        report = replay(db, to, id or (), timeout_ms=timeout_ms, retries=retries)
+    except ZmqlabError as exc:
+        fail(str(exc))
+    for ack in report.replayed:
+        out.print(f"replayed id={ack.id} partition={ack.partition} (Q{ack.partition + 1}) "
+                  f"offset={ack.offset}", highlight=False)
+    for refusal in report.refused:
+        err.print(f"refused id={refusal.id}: {refusal.code} {refusal.reason}", highlight=False)
+    for missing in report.missing:
+        err.print(f"not a dead letter: {missing}", highlight=False)
+    out.print(f"{len(report.replayed)} replayed, {len(report.refused)} refused, "
+              f"{len(report.missing)} not found", highlight=False)
+    if report.refused or report.missing:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -48,7 +48,6 @@ class BrokerConfig:
     max_batch: int = 500  # records per RECORDS message
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     dedupe_window: int = 100_000  # acknowledged ids remembered for idempotent retries
-    producer_idle_s: float = 60.0  # forget a silent producer registration after this
     tick_ms: int = 100
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -35,7 +35,7 @@ class Result:
     batch: Batch
     inserted: int
     duplicates: int
-    dead: int
+    dead: list[int]  # offsets dead-lettered instead of stored
 
 
 class Consumer(Node):
@@ -62,7 +62,8 @@ class Consumer(Node):
         self.outstanding = 0  # batches handed to the worker and not yet finished
         self.outstanding_records = 0
         self.stats = {"received": 0, "inserted": 0, "duplicates": 0, "dead": 0, "acked": 0,
-                      "refused_acks": 0, "registrations": 0, "sink_errors": 0}
+                      "refused_acks": 0, "registrations": 0, "sink_errors": 0,
+                      "heartbeats": 0}
         self.sink_error: str | None = None
         self._dealer: zmq.Socket[Any] | None = None
         self._last_heard = 0.0
@@ -147,6 +148,7 @@ class Consumer(Node):
                 self._connect()
             if now >= next_heartbeat:
                 self._send(Command.HEARTBEAT)
+                self.stats["heartbeats"] += 1
                 next_heartbeat = now + heartbeat_s
 
     def _read_broker(self) -> None:
@@ -222,14 +224,17 @@ class Consumer(Node):
             batch = result.batch
             self.outstanding -= 1
             self.outstanding_records -= len(batch.deliveries)
-            for key, value in (("inserted", result.inserted), ("duplicates", result.duplicates),
-                               ("dead", result.dead)):
-                self.stats[key] += value
+            self.stats["inserted"] += result.inserted
+            self.stats["duplicates"] += result.duplicates
+            self.stats["dead"] += len(result.dead)
             if batch.session != self.session:
                 continue  # released when we re-registered: the broker redelivers them
             offsets = [d.offset for d in batch.deliveries]
-            self._send(Command.ACK, {"partition": batch.partition, "epoch": batch.epoch,
-                                     "offsets": offsets})
+            ack: dict[str, Any] = {"partition": batch.partition, "epoch": batch.epoch,
+                                   "offsets": offsets}
+            if result.dead:
+                ack["dead"] = result.dead
+            self._send(Command.ACK, ack)
             self.stats["acked"] += len(offsets)
 
     def _drain(self, bell: zmq.Socket[Any]) -> None:
@@ -363,7 +368,7 @@ class _Progress:
     remaining: list[Delivery]
     inserted: int = 0
     duplicates: int = 0
-    dead: int = 0
+    dead: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -109,11 +109,11 @@ class Partition:
                 return self._slots[offset % self.capacity]
             return None
 
-    def ack(self, owner: str, epoch: int, offsets: list[int]) -> list[Entry]:
+    def ack(self, owner: str, epoch: int, offsets: list[int]) -> list[tuple[int, Entry]]:
         """Remove acknowledged records; refuse (changing nothing) stale, foreign or unknown ones.
 
-        Returns the entries that left the ring. If the partition was draining towards a new
-        owner and nothing is in flight any more, the lease moves now.
+        Returns the (offset, entry) pairs that left the ring. If the partition was draining
+        towards a new owner and nothing is in flight any more, the lease moves now.
         """
         with self.lock:
             if owner != self.owner:
@@ -134,14 +134,14 @@ class Partition:
                         f"(in flight: [{self.head}, {self.cursor}))",
                     )
             self._acked.update(offsets)
-            removed: list[Entry] = []
+            removed: list[tuple[int, Entry]] = []
             slots, cap, acked = self._slots, self.capacity, self._acked
             while self.head in acked:
                 acked.discard(self.head)
                 slot = self.head % cap
                 entry = slots[slot]
                 assert entry is not None
-                removed.append(entry)
+                removed.append((self.head, entry))
                 slots[slot] = None
                 self.head += 1
             self.acked_total += len(offsets)

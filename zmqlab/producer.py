@@ -135,9 +135,11 @@ class Producer:
             self._sock.connect(self.endpoint)
             self._poller.register(self._sock, zmq.POLLIN)
             self._registered = False
-        self._sock.send_multipart(frames)
-        if self._poller.poll(self.timeout_ms):
-            return proto.decode(self._sock.recv_multipart())
+        sock = self._sock
+        if sock.poll(self.timeout_ms, zmq.POLLOUT):  # no connection at all counts as silence
+            sock.send_multipart(frames)
+            if self._poller.poll(self.timeout_ms):
+                return proto.decode(sock.recv_multipart())
         self.close()  # a REQ that lost its reply is stuck: a new socket is the only way out
         self.stats["reconnects"] += 1
         return None
@@ -295,7 +297,10 @@ class ProducerService(Node):
 
     def _upstream(self, frames: list[bytes], awaiting: str) -> None:
         assert self._req is not None
-        self._req.send_multipart(frames)
+        try:
+            self._req.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:  # no broker connection at all: the reply timeout reconnects us
+            self.log.debug("broker not connected; %s not sent", awaiting)
         self.up.awaiting = awaiting
         self.up.sent_at = self.clock()
 

@@ -214,7 +214,7 @@ class Outcome:
     batch: Batch
     inserted: int = 0
     duplicates: int = 0
-    dead: int = 0
+    dead: list[int] = field(default_factory=list)  # offsets that went to dead letters
     failed: list[Delivery] = field(default_factory=list)  # retry these, the batch is not done
 
     @property
@@ -277,7 +277,8 @@ class Sink:
                 raise SinkUnavailable(_describe(error)) from error
             log.warning("batch insert failed (%s); trying its records one by one", _describe(error))
         for outcome in outcomes:
-            outcome.inserted = outcome.duplicates = outcome.dead = 0
+            outcome.inserted = outcome.duplicates = 0
+            outcome.dead = []
         for outcome, delivery, row in fresh:
             self._store_one(outcome, delivery, now, row)
         for outcome, delivery in exhausted:
@@ -302,7 +303,7 @@ class Sink:
             return
         conn.execute(self._insert_dead, [self._dead_row(d, now) for _, d in items])
         for outcome, delivery in items:
-            outcome.dead += 1
+            outcome.dead.append(delivery.offset)
             log.warning("dead letter id=%s partition=%d offset=%d attempts=%d error=%s",
                         delivery.id, delivery.partition, delivery.offset,
                         delivery.attempt + delivery.failures - 1, delivery.last_error)

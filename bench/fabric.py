@@ -1,0 +1,609 @@
+"""Issue 3's benchmark: zmqlab against the no-broker ceiling, in one run on one machine.
+
+    python bench/fabric.py                        # the full run (a few minutes on 2 cores)
+    python bench/fabric.py --records 30000 --scale-records 10000 --queued 100000   # < 1 min
+
+What it measures, in this order, all in the same run:
+
+1. zmqlab: the seed workload (3 producer services, 6 partitions, 3 consumers, 200-byte
+   payloads, SQLite in a temp dir, ACK after commit) started by ``Supervisor``; the load comes
+   from 3 client processes (one per producer service, ``--clients`` threads in all) using
+   ``zmqlab.loadgen.run_load``; ``verify`` proves nothing was lost or stored twice.
+2. The ceiling: the same records from 3 client processes that PUSH straight to 3 consumer
+   processes, which write the same ``records`` table with the same ``Sink`` (no broker, no acks).
+3. zmqlab again at half of the throughput measured in 1, for the ack latency target.
+4. Throughput with 3 vs 24 partitions and with 1 vs 6 consumers.
+5. The broker's peak RSS with ``--queued`` 200-byte records held (no consumers).
+
+Throughput is end to end for both paths: records stored / (last ``stored_at`` - first
+``created_at``), read from the database, so both are measured with the same clock and rule.
+Results go to stdout and to bench/RESULTS.md (machine, versions, the exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+from zmqlab.loadgen import (  # noqa: E402
+    LoadOptions,
+    padded_payload,
+    percentile,
+    run_load,
+    verify,
+)
+from zmqlab.topology import Supervisor, Topology, query_status  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PUSH_BATCH_HWM = 100  # messages a PUSH may queue per consumer before it blocks (backpressure)
+
+
+# -- /proc -------------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (its threads included), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of the whole line
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in kB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, value = line.split(":", 1)
+                out[name] = int(value.split()[0])
+    return out
+
+
+# -- workers (spawned processes) ---------------------------------------------------------------
+def _zmqlab_client(endpoint: str, records: int, threads: int, batch: int, size: int,
+                   rate: float, deadline_s: float, run_id: str, ready: Any, go: Any,
+                   results: Any) -> None:
+    """Load one producer service with ``run_load``; send back the acks and latencies."""
+    options = LoadOptions((endpoint,), records=records, rate=rate, size=size, clients=threads,
+                          batch=batch, deadline_s=deadline_s)
+    ready.put(os.getpid())
+    if not go.wait(120):
+        return
+    report = run_load(options, run_id=run_id)
+    results.put({"json": report.to_json(), "latencies": report.ack_latency_s,
+                 "acked": report.acked_ids, "prefix": report.prefix})
+
+
+def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: int, batch: int,
+                    size: int, run_id: str, ready: Any, go: Any) -> None:
+    """PUSH records straight at the consumers, in the same batches as the zmqlab clients."""
+    import zmq
+
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, PUSH_BATCH_HWM)
+    push.setsockopt(zmq.LINGER, 30_000)  # deliver what is queued before exiting
+    for endpoint in endpoints:
+        push.connect(endpoint)
+    ready.put(os.getpid())
+    if not go.wait(120):
+        return
+    producer = f"ceiling-{number}"
+    for start in range(first_seq, first_seq + records, batch):
+        seqs = range(start, min(start + batch, first_seq + records))
+        now = time.time()
+        metas = [[f"{run_id}-{seq}", None, now] for seq in seqs]
+        header = json.dumps({"producer": producer, "records": metas}).encode()
+        push.send_multipart([header, *[padded_payload(size, seq, number) for seq in seqs]])
+    push.close()
+    context.term()
+
+
+def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None:
+    """PULL batches and store them with zmqlab's own Sink, up to 5000 records a transaction."""
+    import zmq
+
+    from zmqlab.store import Batch, Delivery, Sink, make_engine
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    sink = Sink(make_engine(db_url), name)
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, PUSH_BATCH_HWM)
+    pull.bind(endpoint)
+    ready.put(os.getpid())
+    offset = 0
+    while not stopping:
+        if not pull.poll(100):
+            continue
+        batches, count = [], 0
+        while count < 5000:
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            header = json.loads(frames[0])
+            deliveries = []
+            for (record_id, key, created_at), payload in zip(header["records"], frames[1:],
+                                                             strict=True):
+                deliveries.append(Delivery(0, offset, record_id, key, header["producer"],
+                                           created_at, 1, payload))
+                offset += 1
+            batches.append(Batch(0, 0, deliveries))
+            count += len(deliveries)
+        if batches:
+            sink.store(batches)
+    pull.close(0)
+    context.term()
+    sink.close()
+
+
+# -- runs --------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One measured run: what the table shows."""
+
+    name: str
+    records: int = 0
+    stored: int = 0
+    lost: int | None = None
+    duplicates: int | None = None
+    throughput_rps: float = 0.0  # end to end, from the database
+    ack_rps: float | None = None
+    ack_p50_ms: float | None = None
+    ack_p99_ms: float | None = None
+    e2e_p50_ms: float | None = None
+    e2e_p99_ms: float | None = None
+    broker_cpu_s: float | None = None
+    broker_peak_rss_mb: float | None = None
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per role, during the run
+    refused: int = 0
+    note: str = ""
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000
+
+
+def _spawn() -> Any:
+    return mp.get_context("spawn")
+
+
+def _start_all(ctx: Any, targets: list[tuple[Any, tuple[Any, ...]]], ready: Any) -> list[Any]:
+    """Start processes and wait until each says it is ready (imports done, sockets set up)."""
+    processes = [ctx.Process(target=t, args=a, daemon=True) for t, a in targets]
+    for process in processes:
+        process.start()
+    for _ in processes:
+        ready.get(timeout=60)
+    return processes
+
+
+def _role_pids(supervisor: Supervisor) -> dict[str, list[int]]:
+    roles: dict[str, list[int]] = {}
+    for child in supervisor.children:
+        roles.setdefault(child.role, []).append(child.process.pid)
+    return roles
+
+
+def _cpu_by_role(pids: dict[str, list[int]]) -> dict[str, float]:
+    out = {}
+    for role, group in pids.items():
+        total = 0.0
+        for pid in group:
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass
+        out[role] = total
+    return out
+
+
+def _profile_start(pids: dict[str, list[int]], out_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """py-spy record (raw collapsed stacks) on one process of each role, if py-spy exists."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.path.exists(spy):
+        print("  (py-spy not found: no profile)")
+        return []
+    procs = []
+    for role, group in pids.items():
+        out = out_dir / f"{role}.txt"
+        procs.append(subprocess.Popen([spy, "record", "--pid", str(group[0]), "--rate", "200",
+                                       "--format", "raw", "--threads", "--output", str(out),
+                                       "--nonblocking"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def _profile_stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def summarize_profile(path: Path, top: int = 10) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) of the busiest functions in a py-spy raw profile."""
+    if not path.exists():
+        return []
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith(("thread", "process"))]
+        total += count
+        if frames:
+            own[_short(frames[-1])] += count
+            for name in {_short(f) for f in frames}:
+                inclusive[name] += count
+    if not total:
+        return []
+    return [(name, 100 * n / total, 100 * inclusive[name] / total)
+            for name, n in own.most_common(top)]
+
+
+def _short(frame: str) -> str:
+    # py-spy raw frames look like "function (path/to/file.py:123)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    file = where.rsplit("/", 1)[-1].split(":")[0]
+    return f"{name} ({file})"
+
+
+def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
+               records: int, partitions: int = 6, consumers: int = 3, rate: float = 0.0,
+               profile_dir: Path | None = None) -> Run:
+    """Start a topology, load it from 3 client processes, verify the database, stop it."""
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    db_url = f"sqlite:///{tmp / f'{slug}.db'}"
+    topology = Topology(frontend_port=base, backend_port=base + 1, producers=3,
+                        producer_port=base + 10, consumers=consumers, consumer_port=base + 20,
+                        partitions=partitions, db_url=db_url, log_level="warning")
+    supervisor = Supervisor(topology, log_dir=str(tmp / f"logs-{slug}"))
+    run = Run(name, records=records)
+    ctx = _spawn()
+    ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    run_id = uuid.uuid4().hex[:8]
+    endpoints = topology.producer_endpoints()
+    threads = max(1, args.clients // len(endpoints))
+    share, extra = divmod(records, len(endpoints))
+    spies: list[subprocess.Popen[bytes]] = []
+    processes: list[Any] = []
+    try:
+        supervisor.start(ready_timeout_s=60)
+        pids = _role_pids(supervisor)
+        broker_pid = pids["broker"][0]
+        targets = [(_zmqlab_client, (endpoint, share + (i < extra), threads, args.batch,
+                                     args.size, rate / len(endpoints), args.deadline,
+                                     f"{run_id}{i}", ready, go, results))
+                   for i, endpoint in enumerate(endpoints)]
+        processes = _start_all(ctx, targets, ready)
+        pids["load"] = [p.pid for p in processes]
+        before = _cpu_by_role(pids)
+        if profile_dir is not None:
+            spies = _profile_start(pids, profile_dir)
+        go.set()
+        parts = [results.get(timeout=args.deadline + 120) for _ in processes]
+        for process in processes:
+            process.join(30)
+        report = verify(db_url, [i for p in parts for i in p["acked"]], None,
+                        args.verify_timeout, prefix=run_id)
+        _profile_stop(spies)
+        spies = []
+        after = _cpu_by_role(pids)
+        run.cpu_s = {role: after[role] - before.get(role, 0.0) for role in after}
+        run.broker_cpu_s = run.cpu_s["broker"]
+        run.broker_peak_rss_mb = memory_kb(broker_pid)["VmHWM"] / 1024
+        latencies = sorted(x for p in parts for x in p["latencies"])
+        acked = sum(p["json"]["acked"] for p in parts)
+        ack_seconds = max(p["json"]["seconds"] for p in parts)
+        run.refused = sum(p["json"]["refused"] for p in parts)
+        run.ack_rps = acked / ack_seconds if ack_seconds else None
+        run.ack_p50_ms = _ms(percentile(latencies, 50))
+        run.ack_p99_ms = _ms(percentile(latencies, 99))
+        run.stored, run.lost, run.duplicates = report.persisted, report.lost, report.duplicates
+        run.e2e_p50_ms = _ms(percentile(report.e2e_s, 50))
+        run.e2e_p99_ms = _ms(percentile(report.e2e_s, 99))
+        run.throughput_rps = report.throughput_rps
+        if acked != records or run.refused:
+            run.note = f"acked {acked} of {records}, refused {run.refused}"
+        snap = query_status(topology.frontend, timeout_ms=2000)
+        run.note += "" if all(p["depth"] == 0 for p in snap["partitions"]) else " queue not empty"
+    finally:
+        _profile_stop(spies)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        supervisor.stop()
+    return run
+
+
+def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int) -> Run:
+    """The no-broker ceiling: client processes PUSH straight to consumer processes."""
+    db_url = f"sqlite:///{tmp / 'ceiling.db'}"
+    from zmqlab.store import make_engine
+
+    make_engine(db_url).dispose()  # create the tables once, before three writers race
+    run = Run("ceiling (no broker)", records=records)
+    ctx = _spawn()
+    ready, go = ctx.Queue(), ctx.Event()
+    endpoints = [f"tcp://127.0.0.1:{base + 20 + i}" for i in range(3)]
+    consumers = _start_all(ctx, [(_ceiling_consumer, (e, db_url, str(base + 20 + i), ready))
+                                 for i, e in enumerate(endpoints)], ready)
+    run_id = uuid.uuid4().hex[:8]
+    counts = [records // 3 + (i < records % 3) for i in range(3)]
+    firsts = [sum(counts[:i]) for i in range(3)]
+    clients: list[Any] = []
+    try:
+        clients = _start_all(ctx, [(_ceiling_client, (endpoints, counts[i], firsts[i],
+                                                      i, args.batch, args.size, run_id, ready,
+                                                      go))
+                                   for i in range(3)], ready)
+        before = sum(cpu_seconds(p.pid) for p in consumers)
+        go.set()
+        for client in clients:
+            client.join(args.deadline + 60)
+        report = verify(db_url, [f"{run_id}-{seq}" for seq in range(records)], None,
+                        args.verify_timeout, prefix=run_id)
+        run.cpu_s = {"consumer": sum(cpu_seconds(p.pid) for p in consumers) - before}
+        run.stored, run.lost, run.duplicates = report.persisted, report.lost, report.duplicates
+        run.e2e_p50_ms = _ms(percentile(report.e2e_s, 50))
+        run.e2e_p99_ms = _ms(percentile(report.e2e_s, 99))
+        run.throughput_rps = report.throughput_rps
+    finally:
+        for process in consumers:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in consumers + clients:
+            process.join(15)
+            if process.is_alive():
+                process.kill()
+    return run
+
+
+def run_memory(args: argparse.Namespace, tmp: Path, base: int) -> dict[str, Any]:
+    """Peak broker RSS with ``--queued`` 200-byte records held and no consumer to take them."""
+    queued = args.queued
+    partitions = 6
+    capacity = math.ceil(queued / partitions) + 1000
+    topology = Topology(frontend_port=base, backend_port=base + 1, producers=0, consumers=0,
+                        partitions=partitions, capacity=capacity,
+                        db_url=f"sqlite:///{tmp / 'memory.db'}", log_level="warning")
+    supervisor = Supervisor(topology, log_dir=str(tmp / "logs-memory"))
+    try:
+        supervisor.start(ready_timeout_s=60)
+        pid = supervisor.find("broker", "broker").process.pid
+        baseline = memory_kb(pid)["VmRSS"]
+        began = time.monotonic()
+        report = run_load(LoadOptions((topology.frontend,), records=queued, size=args.size,
+                                      clients=4, batch=200, deadline_s=max(60.0, queued / 5000)))
+        seconds = time.monotonic() - began
+        mem = memory_kb(pid)
+        snap = query_status(topology.frontend, timeout_ms=5000)
+        held = sum(p["depth"] for p in snap["partitions"])
+    finally:
+        supervisor.stop()
+    payload_bytes = queued * args.size
+    grown_bytes = (mem["VmHWM"] - baseline) * 1024
+    return {"queued": queued, "held": held, "acked": report.acked, "baseline_mb": baseline / 1e3,
+            "peak_mb": mem["VmHWM"] / 1e3, "grown_mb": grown_bytes / 1e6,
+            "payload_mb": payload_bytes / 1e6,
+            "ratio": grown_bytes / payload_bytes if payload_bytes else None,
+            "per_million_mb": grown_bytes / 1e6 * 1_000_000 / queued if queued else None,
+            "fill_rps": report.acked / seconds if seconds else None}
+
+
+# -- report ------------------------------------------------------------------------------------
+def _fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def machine() -> dict[str, str]:
+    import sqlalchemy
+    import sqlmodel
+    import zmq
+
+    model = "unknown"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as handle:
+        total_kb = int(handle.readline().split()[1])
+    return {"nproc": str(os.cpu_count()), "cpu": model, "memory": f"{total_kb / 1048576:.1f} GiB",
+            "os": platform.platform(), "python": platform.python_version(),
+            "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(),
+            "sqlalchemy": sqlalchemy.__version__, "sqlmodel": sqlmodel.__version__,
+            "sqlite": sqlite3.sqlite_version}
+
+
+def render(args: argparse.Namespace, runs: list[Run], scaling: list[Run],
+           memory: dict[str, Any] | None, profiles: dict[str, list[tuple[str, float, float]]],
+           elapsed_s: float) -> str:
+    info = machine()
+    zmqlab = next(r for r in runs if r.name == "zmqlab")
+    ceiling = next((r for r in runs if r.name.startswith("ceiling")), None)
+    lines = ["# zmqlab benchmark results", "",
+             "Written by `bench/fabric.py`; do not edit by hand. Every figure below comes from "
+             "one run on one machine, with every process sharing it.", "",
+             "```", "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]), "```", "",
+             f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, {info['os']}.",
+             f"Versions: Python {info['python']}, pyzmq {info['pyzmq']}, libzmq {info['libzmq']}, "
+             f"SQLAlchemy {info['sqlalchemy']}, SQLModel {info['sqlmodel']}, "
+             f"SQLite {info['sqlite']}.",
+             f"Workload: {args.records} records of {args.size} bytes, 3 client processes "
+             f"({args.clients} client threads in all for zmqlab), batches of {args.batch}; "
+             f"SQLite sink in a temp dir. Run took {elapsed_s:.0f} s.", "",
+             "## zmqlab vs the no-broker ceiling", "",
+             "| run | records/s (end to end) | ack p50 | ack p99 | e2e p50 | e2e p99 | "
+             "broker CPU s | broker peak RSS | lost | dup |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r.name} | {_fmt(r.throughput_rps)} | {_fmt(r.ack_p50_ms, 1, ' ms')} | "
+                     f"{_fmt(r.ack_p99_ms, 1, ' ms')} | {_fmt(r.e2e_p50_ms, 0, ' ms')} | "
+                     f"{_fmt(r.e2e_p99_ms, 0, ' ms')} | {_fmt(r.broker_cpu_s, 2)} | "
+                     f"{_fmt(r.broker_peak_rss_mb, 0, ' MB')} | {_fmt(r.lost)} | "
+                     f"{_fmt(r.duplicates)} |")
+    lines.append("")
+    if ceiling is not None and ceiling.throughput_rps:
+        ratio = zmqlab.throughput_rps / ceiling.throughput_rps
+        verdict = "meets" if ratio >= 0.7 else "misses"
+        lines.append(f"**Ratio zmqlab / ceiling: {ratio:.2f}** ({verdict} the 0.70 target).")
+    half = next((r for r in runs if r.name.startswith("zmqlab at half")), None)
+    if half is not None and half.ack_p99_ms is not None:
+        verdict = "meets" if half.ack_p99_ms < 50 else "misses"
+        lines.append(f"Ack p99 at half the maximum rate: {half.ack_p99_ms:.1f} ms ({verdict} the "
+                     "50 ms target).")
+    notes = [f"{r.name}: {r.note.strip()}" for r in runs + scaling if r.note.strip()]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
+    cpu = ", ".join(f"{k} {v:.1f}" for k, v in zmqlab.cpu_s.items())
+    if ceiling is not None:
+        cpu += f"; ceiling consumers {ceiling.cpu_s.get('consumer', 0):.1f}"
+    lines += ["", f"CPU seconds per role during the zmqlab run: {cpu}."]
+    if scaling:
+        lines += ["", "## Scaling (end-to-end records/s)", "",
+                  "| topology | records/s | e2e p99 | lost | dup |", "|---|---:|---:|---:|---:|"]
+        for r in scaling:
+            lines.append(f"| {r.name} | {_fmt(r.throughput_rps)} | "
+                         f"{_fmt(r.e2e_p99_ms, 0, ' ms')} | {_fmt(r.lost)} | "
+                         f"{_fmt(r.duplicates)} |")
+        pairs = [("3 partitions", "24 partitions"), ("1 consumer", "6 consumers")]
+        for a, b in pairs:
+            ra = next((r for r in scaling if r.name.startswith(a)), None)
+            rb = next((r for r in scaling if r.name.startswith(b)), None)
+            if ra and rb and ra.throughput_rps:
+                lines.append(f"\n{b} / {a}: {rb.throughput_rps / ra.throughput_rps:.2f}")
+    if memory is not None:
+        lines += ["", "## Broker memory with records queued (no consumers)", "",
+                  f"{memory['queued']:,} records of {args.size} bytes "
+                  f"({memory['payload_mb']:.0f} MB of payload) held by the broker "
+                  f"(depth {memory['held']:,}): RSS {memory['baseline_mb']:.0f} MB before, "
+                  f"peak {memory['peak_mb']:.0f} MB, grown by **{memory['grown_mb']:.0f} MB = "
+                  f"{memory['ratio']:.2f}× the payload bytes** (target ≤ 2×); "
+                  f"{memory['per_million_mb']:.0f} MB per 1,000,000 records. "
+                  f"Filled at {memory['fill_rps']:,.0f} records/s."]
+    if profiles:
+        lines += ["", "## Where the time goes (py-spy, zmqlab run, one process per role)", ""]
+        for role, rows in profiles.items():
+            lines += [f"**{role}** (self % of samples, inclusive %):", ""]
+            lines += [f"- {fn}: {own:.0f}% self, {incl:.0f}% incl." for fn, own, incl in rows]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=200_000,
+                        help="records for zmqlab and for the ceiling")
+    parser.add_argument("--size", type=int, default=200, help="payload bytes")
+    parser.add_argument("--clients", type=int, default=6, help="zmqlab client threads in all")
+    parser.add_argument("--batch", type=int, default=50, help="records per client request")
+    parser.add_argument("--deadline", type=float, default=300.0, help="seconds a load may take")
+    parser.add_argument("--verify-timeout", type=float, default=120.0)
+    parser.add_argument("--scale-records", type=int, default=60_000,
+                        help="records per scaling run (partitions 3/24, consumers 1/6)")
+    parser.add_argument("--queued", type=int, default=1_000_000,
+                        help="records queued for the broker memory figure")
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-half-rate", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the zmqlab run (needs py-spy on PATH or in the venv)")
+    parser.add_argument("--port-base", type=int, default=17000,
+                        help="ports base..base+999 are used")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+
+    began = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="zmqlab-bench-"))
+    base = args.port_base
+    runs: list[Run] = []
+    scaling: list[Run] = []
+    memory = None
+    profiles: dict[str, list[tuple[str, float, float]]] = {}
+    try:
+        print(f"zmqlab: {args.records} records through the seed topology …", flush=True)
+        profile_dir = tmp / "profile" if args.profile else None
+        if profile_dir is not None:
+            profile_dir.mkdir()
+        main_run = run_zmqlab(args, tmp, base, name="zmqlab", records=args.records,
+                              profile_dir=profile_dir)
+        runs.append(main_run)
+        _show(main_run)
+        print(f"ceiling: {args.records} records PUSHed straight to consumers …", flush=True)
+        runs.append(run_ceiling(args, tmp, base + 100, args.records))
+        _show(runs[-1])
+        if not args.skip_half_rate and main_run.throughput_rps:
+            rate = main_run.throughput_rps / 2
+            records = max(1000, min(args.records, int(rate * 10)))
+            print(f"zmqlab at half rate ({rate:,.0f}/s), {records} records …", flush=True)
+            runs.append(run_zmqlab(args, tmp, base + 200, name=f"zmqlab at half rate "
+                                   f"({rate:,.0f}/s)", records=records, rate=rate))
+            _show(runs[-1])
+        if not args.skip_scaling:
+            for i, (label, partitions, consumers) in enumerate((
+                    ("3 partitions, 3 consumers", 3, 3), ("24 partitions, 3 consumers", 24, 3),
+                    ("1 consumer, 6 partitions", 6, 1), ("6 consumers, 6 partitions", 6, 6))):
+                print(f"scaling: {label} …", flush=True)
+                scaling.append(run_zmqlab(args, tmp, base + 300 + 100 * i, name=label,
+                                          records=args.scale_records, partitions=partitions,
+                                          consumers=consumers))
+                _show(scaling[-1])
+        if not args.skip_memory:
+            print(f"memory: {args.queued} records queued in the broker …", flush=True)
+            memory = run_memory(args, tmp, base + 900)
+            print(f"  grown {memory['grown_mb']:.0f} MB for {memory['payload_mb']:.0f} MB "
+                  f"of payload ({memory['ratio']:.2f}×)", flush=True)
+        if profile_dir is not None:
+            for path in sorted(profile_dir.glob("*.txt")):
+                profiles[path.stem] = summarize_profile(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = render(args, runs, scaling, memory, profiles, time.monotonic() - began)
+    args.out.write_text(text)
+    print()
+    print(text)
+    print(f"written to {args.out}")
+    bad = [r for r in runs + scaling if r.lost or r.duplicates]
+    sys.exit(1 if bad else 0)
+
+
+def _show(run: Run) -> None:
+    print(f"  {run.throughput_rps:,.0f} records/s end to end, stored {run.stored}/{run.records}, "
+          f"lost {run.lost}, dup {run.duplicates}, ack p99 {_fmt(run.ack_p99_ms, 1, ' ms')}, "
+          f"e2e p99 {_fmt(run.e2e_p99_ms, 0, ' ms')} {run.note}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Failure handling in one process: poison records, busy and failing databases, lost replies,
+broker restarts. (Killed processes and network cuts are in test_chaos.py and test_netns.py.)"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import zmq
+from helpers import Fabric, recv, wait_until
+from sqlalchemy import select
+
+from zmqlab import protocol as proto
+from zmqlab.deadletters import list_dead, replay
+from zmqlab.errors import SinkUnavailable
+from zmqlab.producer import Producer, make_record
+from zmqlab.protocol import Command
+from zmqlab.store import RECORDS, Sink, make_engine
+
+
+def stored(db_url: str) -> list[Any]:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(RECORDS)).mappings())
+    finally:
+        engine.dispose()
+
+
+def queue_empty(fabric: Fabric) -> bool:
+    return all(p["depth"] == 0 for p in fabric.status()["partitions"])
+
+
+def test_a_poison_record_goes_to_dead_letters_while_the_others_flow_and_can_be_replayed(
+        ctx, db_url):
+    fabric = Fabric(ctx, db_url, producers=1, consumers=0, partitions=2).start()
+    consumer = fabric.add_consumer("9090", transform="transforms:refuse_poison", max_attempts=3,
+                                   retry_initial_s=0.01)
+    try:
+        with fabric.client("8080") as client:
+            records = [make_record({"n": n, "poison": n == 7}) for n in range(40)]
+            client.send_batch(records)
+        wait_until(lambda: len(stored(db_url)) == 39, what="the healthy records")
+        wait_until(lambda: queue_empty(fabric), what="the poison record to leave the queue")
+        (dead,) = list_dead(db_url)
+        assert (dead["id"], dead["attempts"]) == (records[7].id, 3)
+        assert "poison record" in dead["last_error"] and '"poison":true' in dead["payload"]
+        assert consumer.stats["dead"] == 1
+        assert fabric.status()["counters"]["dead"] == 1
+
+        # Once the consumer is fixed (no transform), a replay stores it under its own id.
+        consumer.stop()
+        fabric.add_consumer("9091")
+        report = replay(db_url, fabric.ingress["8080"], context=ctx)
+        assert [a.id for a in report.replayed] == [records[7].id]
+        assert not report.replayed[0].duplicate  # dead letters are not in the dedupe window
+        wait_until(lambda: len(stored(db_url)) == 40, what="the replayed record")
+        assert list_dead(db_url) == []
+    finally:
+        fabric.stop()
+
+
+class GatedSink(Sink):
+    """A sink whose transactions wait for a gate, or fail while ``down`` is set."""
+
+    gate = threading.Event()
+    down = threading.Event()
+
+    def store(self, batches):  # type: ignore[no-untyped-def]
+        if self.down.is_set():
+            raise SinkUnavailable("database is down (test)")
+        if not self.gate.wait(30):
+            raise SinkUnavailable("gate never opened")
+        return super().store(batches)
+
+
+def gated(db_url: str, name: str) -> Any:
+    return lambda: GatedSink(make_engine(db_url), name)
+
+
+def test_a_consumer_busy_in_a_long_transaction_is_not_declared_dead(ctx, db_url):
+    GatedSink.gate.clear()
+    GatedSink.down.clear()
+    fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=1, heartbeat_ms=100)
+    fabric.start()
+    from zmqlab import Consumer, ConsumerConfig
+
+    consumer = Consumer(ConsumerConfig(name="9090", broker=fabric.backend, db_url=db_url,
+                                       heartbeat_ms=100), context=ctx,
+                        sink_factory=gated(db_url, "9090"))
+    consumer.start()
+    try:
+        wait_until(lambda: consumer.registered, what="registration")
+        with fabric.client() as client:
+            client.send_batch([make_record({"n": n}) for n in range(10)])
+        wait_until(lambda: fabric.status()["partitions"][0]["inflight"] == 10, what="delivery")
+        # The transaction stays stuck for many expiry periods (3 x 100 ms): 12 heartbeats.
+        beats = consumer.stats["heartbeats"]
+        wait_until(lambda: consumer.stats["heartbeats"] >= beats + 12, what="heartbeats")
+        snap = fabric.status()
+        assert snap["counters"]["expired"] == 0 and snap["consumers"][0]["name"] == "9090"
+        assert snap["partitions"][0]["owner"] == "9090"
+        GatedSink.gate.set()
+        wait_until(lambda: len(stored(db_url)) == 10, what="the batch stored")
+        assert {r["attempt"] for r in stored(db_url)} == {1}
+        wait_until(lambda: queue_empty(fabric), what="acks")
+    finally:
+        GatedSink.gate.set()
+        consumer.stop()
+        fabric.stop()
+
+
+def test_while_the_database_is_down_records_stay_queued_and_flow_when_it_returns(ctx, db_url):
+    GatedSink.gate.set()
+    GatedSink.down.set()
+    fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=2, heartbeat_ms=100)
+    fabric.start()
+    from zmqlab import Consumer, ConsumerConfig
+
+    consumer = Consumer(ConsumerConfig(name="9090", broker=fabric.backend, db_url=db_url,
+                                       heartbeat_ms=100, retry_initial_s=0.01, retry_max_s=0.05),
+                        context=ctx, sink_factory=gated(db_url, "9090"))
+    consumer.start()
+    try:
+        wait_until(lambda: consumer.registered, what="registration")
+        with fabric.client() as client:
+            client.send_batch([make_record({"n": n}) for n in range(20)])
+        wait_until(lambda: consumer.stats["sink_errors"] >= 1, what="the sink error")
+        snap = fabric.status()
+        assert sum(p["depth"] for p in snap["partitions"]) == 20
+        assert sum(p["acked"] for p in snap["partitions"]) == 0
+        assert consumer.sink_error == "database is down (test)"
+        GatedSink.down.clear()
+        wait_until(lambda: len(stored(db_url)) == 20, what="records stored after recovery")
+        wait_until(lambda: queue_empty(fabric), what="acks after recovery")
+        assert consumer.sink_error is None
+    finally:
+        GatedSink.down.clear()
+        consumer.stop()
+        fabric.stop()
+
+
+def test_lazy_pirate_retries_a_lost_reply_with_the_same_ids(ctx, endpoint):
+    """Given a server that swallows the first request, the client reopens its socket and sends
+    the same record ids again, so the broker can answer the retry as a duplicate."""
+    address = endpoint("flaky")
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.bind(address)
+    seen: list[list[Any]] = []
+
+    def serve() -> None:
+        replies = 0
+        while replies < 2:
+            frames = recv(server, 10)
+            message = proto.decode(frames[2:])
+            if message.command is Command.HELLO:
+                server.send_multipart([*frames[:2], *proto.encode(Command.WELCOME,
+                                                                  {"partitions": 1})])
+                continue
+            seen.append(message.header["records"])
+            if len(seen) == 1:
+                continue  # lost reply
+            server.send_multipart([*frames[:2], *proto.encode(
+                Command.ACK, {"acks": [[0, 0, 0, True]], "errors": []})])
+            replies += 2
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with Producer(address, context=ctx, timeout_ms=200, retries=2) as client:
+        ack = client.send({"a": 1})
+        assert client.stats["reconnects"] == 1
+    thread.join(10)
+    server.close(0)
+    assert seen[0] == seen[1] and ack.duplicate and ack.id == seen[0][0][0]
+
+
+def test_a_silent_endpoint_ends_in_a_clear_error_after_bounded_retries(ctx, endpoint):
+    from zmqlab.errors import BrokerUnavailable
+
+    sink = ctx.socket(zmq.ROUTER)
+    sink.bind(endpoint("silent"))
+    address = sink.getsockopt_string(zmq.LAST_ENDPOINT)
+    with Producer(address, context=ctx, timeout_ms=50, retries=2) as client:
+        try:
+            client.send({"a": 1})
+        except BrokerUnavailable as exc:
+            assert "after 3 tries of 50 ms" in str(exc)
+        else:
+            raise AssertionError("expected BrokerUnavailable")
+    sink.close(0)
+
+
+def test_consumers_and_producer_services_register_again_after_a_broker_restart(ctx, db_url):
+    fabric = Fabric(ctx, db_url, producers=1, consumers=2, heartbeat_ms=100).start()
+    try:
+        wait_until(lambda: all(c.registered for c in fabric.consumers.values()))
+        with fabric.client("8080", timeout_ms=500, retries=10) as client:
+            client.send_batch([make_record({"n": n}) for n in range(10)])
+            wait_until(lambda: len(stored(db_url)) == 10, what="first records")
+            fabric.broker.stop()
+            from zmqlab import Broker
+
+            fabric.broker = Broker(fabric.broker_config, context=ctx)
+            fabric.broker.start()
+            client.send_batch([make_record({"n": n}) for n in range(10, 20)])
+        wait_until(lambda: len(stored(db_url)) == 20, what="records after the restart")
+        sessions = [c.session for c in fabric.consumers.values()]
+        assert all(s >= 2 for s in sessions)
+        wait_until(lambda: len(fabric.status()["consumers"]) == 2, what="both consumers back")
+    finally:
+        fabric.stop()
+
+
+def test_the_dedupe_window_is_bounded(ctx):
+    from test_broker_unit import hello, make, put
+
+    broker, _ = make(partitions=1, dedupe_window=2)
+    hello(broker)
+    from zmqlab.broker import BACK
+
+    broker.handle_backend([b"9090", b"", *proto.encode(Command.HELLO, {})], 0)
+    broker.handle_backend([b"9090", b"", *proto.encode(Command.FETCH, {"credit": 10})], 0)
+    put(broker, b"{}", b"{}", b"{}", ids=["a", "b", "c"])
+    broker.dispatch(0)
+    epoch = broker.partitions[0].epoch
+    broker.handle_backend([b"9090", b"", *proto.encode(
+        Command.ACK, {"partition": 0, "epoch": epoch, "offsets": [0, 1, 2]})], 0)
+    assert list(broker._recent) == ["b", "c"] and not broker._held
+    assert put(broker, b"{}", ids=["c"]).header["acks"][0][3] is True
+    assert put(broker, b"{}", ids=["a"]).header["acks"][0][3] is False  # outside the window
+    assert all(side == BACK or True for side, _ in broker.outbox)
