@@ -86,13 +86,15 @@ def _zmqlab_client(endpoint: str, records: int, threads: int, batch: int, size: 
     ready.put(os.getpid())
     if not go.wait(120):
         return
+    cpu = time.process_time()
     report = run_load(options, run_id=run_id)
     results.put({"json": report.to_json(), "latencies": report.ack_latency_s,
-                 "acked": report.acked_ids, "prefix": report.prefix})
+                 "acked": report.acked_ids, "prefix": report.prefix,
+                 "cpu_s": time.process_time() - cpu})
 
 
 def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: int, batch: int,
-                    size: int, run_id: str, ready: Any, go: Any) -> None:
+                    size: int, run_id: str, ready: Any, go: Any, results: Any) -> None:
     """PUSH records straight at the consumers, in the same batches as the zmqlab clients."""
     import zmq
 
@@ -106,6 +108,7 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
     if not go.wait(120):
         return
     producer = f"ceiling-{number}"
+    cpu = time.process_time()
     for start in range(first_seq, first_seq + records, batch):
         seqs = range(start, min(start + batch, first_seq + records))
         now = time.time()
@@ -114,6 +117,7 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
         push.send_multipart([header, *[padded_payload(size, seq, number) for seq in seqs]])
     push.close()
     context.term()
+    results.put(time.process_time() - cpu)
 
 
 def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None:
@@ -284,7 +288,8 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
     db_url = f"sqlite:///{tmp / f'{slug}.db'}"
     topology = Topology(frontend_port=base, backend_port=base + 1, producers=3,
                         producer_port=base + 10, consumers=consumers, consumer_port=base + 20,
-                        partitions=partitions, db_url=db_url, log_level="warning")
+                        partitions=partitions, db_url=db_url, log_level="warning",
+                        consumer_args=tuple(args.consumer_arg), broker_args=tuple(args.broker_arg))
     supervisor = Supervisor(topology, log_dir=str(tmp / f"logs-{slug}"))
     run = Run(name, records=records)
     ctx = _spawn()
@@ -316,8 +321,10 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
                         args.verify_timeout, prefix=run_id)
         _profile_stop(spies)
         spies = []
+        pids.pop("load")  # gone by now: they measured their own CPU
         after = _cpu_by_role(pids)
         run.cpu_s = {role: after[role] - before.get(role, 0.0) for role in after}
+        run.cpu_s["load clients"] = sum(p["cpu_s"] for p in parts)
         run.broker_cpu_s = run.cpu_s["broker"]
         run.broker_peak_rss_mb = memory_kb(broker_pid)["VmHWM"] / 1024
         latencies = sorted(x for p in parts for x in p["latencies"])
@@ -352,7 +359,7 @@ def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int) ->
     make_engine(db_url).dispose()  # create the tables once, before three writers race
     run = Run("ceiling (no broker)", records=records)
     ctx = _spawn()
-    ready, go = ctx.Queue(), ctx.Event()
+    ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     endpoints = [f"tcp://127.0.0.1:{base + 20 + i}" for i in range(3)]
     consumers = _start_all(ctx, [(_ceiling_consumer, (e, db_url, str(base + 20 + i), ready))
                                  for i, e in enumerate(endpoints)], ready)
@@ -363,15 +370,17 @@ def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int) ->
     try:
         clients = _start_all(ctx, [(_ceiling_client, (endpoints, counts[i], firsts[i],
                                                       i, args.batch, args.size, run_id, ready,
-                                                      go))
+                                                      go, results))
                                    for i in range(3)], ready)
         before = sum(cpu_seconds(p.pid) for p in consumers)
         go.set()
+        client_cpu = sum(results.get(timeout=args.deadline + 60) for _ in clients)
         for client in clients:
-            client.join(args.deadline + 60)
+            client.join(30)
         report = verify(db_url, [f"{run_id}-{seq}" for seq in range(records)], None,
                         args.verify_timeout, prefix=run_id)
-        run.cpu_s = {"consumer": sum(cpu_seconds(p.pid) for p in consumers) - before}
+        run.cpu_s = {"consumer": sum(cpu_seconds(p.pid) for p in consumers) - before,
+                     "clients": client_cpu}
         run.stored, run.lost, run.duplicates = report.persisted, report.lost, report.duplicates
         run.e2e_p50_ms = _ms(percentile(report.e2e_s, 50))
         run.e2e_p99_ms = _ms(percentile(report.e2e_s, 99))
@@ -486,10 +495,13 @@ def render(args: argparse.Namespace, runs: list[Run], scaling: list[Run],
     notes = [f"{r.name}: {r.note.strip()}" for r in runs + scaling if r.note.strip()]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
-    cpu = ", ".join(f"{k} {v:.1f}" for k, v in zmqlab.cpu_s.items())
-    if ceiling is not None:
-        cpu += f"; ceiling consumers {ceiling.cpu_s.get('consumer', 0):.1f}"
-    lines += ["", f"CPU seconds per role during the zmqlab run: {cpu}."]
+    lines += ["", "CPU seconds per role (all processes of the role, during the load):", ""]
+    for r in (zmqlab, ceiling):
+        if r is not None and r.cpu_s:
+            total = sum(r.cpu_s.values())
+            per = total / r.records * 1e6 if r.records else 0
+            lines.append(f"- {r.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_s.items())
+                         + f"; total {total:.1f} s = {per:.0f} µs per record")
     if scaling:
         lines += ["", "## Scaling (end-to-end records/s)", "",
                   "| topology | records/s | e2e p99 | lost | dup |", "|---|---:|---:|---:|---:|"]
@@ -540,6 +552,13 @@ def main() -> None:
     parser.add_argument("--skip-half-rate", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the zmqlab run (needs py-spy on PATH or in the venv)")
+    parser.add_argument("--profile-raw", type=Path, default=None,
+                        help="keep py-spy's collapsed stacks in this directory")
+    parser.add_argument("--consumer-arg", action="append", default=[],
+                        help="extra option for every zmqlab consumer, e.g. --consumer-arg=--credit"
+                             " --consumer-arg=5000 (for experiments; named in RESULTS.md)")
+    parser.add_argument("--broker-arg", action="append", default=[],
+                        help="extra option for the zmqlab broker (for experiments)")
     parser.add_argument("--port-base", type=int, default=17000,
                         help="ports base..base+999 are used")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
@@ -588,6 +607,9 @@ def main() -> None:
         if profile_dir is not None:
             for path in sorted(profile_dir.glob("*.txt")):
                 profiles[path.stem] = summarize_profile(path)
+                if args.profile_raw is not None:
+                    args.profile_raw.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(path, args.profile_raw / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = render(args, runs, scaling, memory, profiles, time.monotonic() - began)

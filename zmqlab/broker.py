@@ -149,6 +149,7 @@ class Broker(Node):
                     else:  # EHOSTUNREACH thanks to ROUTER_MANDATORY: the consumer is gone
                         name = frames[0].decode(errors="replace")
                         if name in self.consumers:
+                            self.counters["expired"] += 1
                             self._remove_consumer(name, f"unreachable ({exc})", now)
                             self.dispatch(now)
 
