@@ -55,8 +55,8 @@ def free_port_block(count: int) -> int:
         try:
             for i in range(count):
                 s = socket.socket()
-                s.bind(("127.0.0.1", base + i))
                 sockets.append(s)
+                s.bind(("127.0.0.1", base + i))
             return base
         except OSError:
             continue

@@ -107,13 +107,25 @@ def test_kill_a_consumer_and_a_producer_under_load_then_restart_them(tmp_path: P
 
         wait_until(lambda: count() >= len(acked), 60, "every acked record stored")
         with engine.connect() as conn:
-            ids = [r[0] for r in conn.execute(select(RECORDS.c.id))]
+            rows = conn.execute(select(RECORDS.c.id, RECORDS.c.partition, RECORDS.c.offset,
+                                       RECORDS.c.key, RECORDS.c.payload)).all()
+            ids = [r[0] for r in rows]
             redelivered = conn.execute(select(func.count()).select_from(RECORDS)
                                        .where(RECORDS.c.attempt > 1)).scalar_one()
             dead = conn.execute(select(func.count()).select_from(DEAD_LETTERS)).scalar_one()
         engine.dispose()
         assert len(ids) == len(set(ids)) == len(acked) and set(ids) == set(acked)
         assert dead == 0
+        # Per key, a client's records sit in one partition in the order it sent them.
+        by_key: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
+        for _, partition, offset, key, payload in rows:
+            by_key.setdefault((payload["client"], key), []).append(
+                (payload["i"], partition, offset))
+        for sequence in by_key.values():
+            sequence.sort()
+            assert len({p for _, p, _ in sequence}) == 1
+            offsets = [o for _, _, o in sequence]
+            assert offsets == sorted(offsets)
         snap = query_status(topology.frontend)
         assert snap["counters"]["expired"] >= 1 and snap["counters"]["released"] >= 1
         assert redelivered >= 1  # counted in the table too: attempt > 1

@@ -36,6 +36,8 @@ CLI = [sys.executable, "-m", "zmqlab"]
 # -- helpers -----------------------------------------------------------------------------------
 def _free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As a restarted server binds: TIME_WAIT left by a clean close does not hold the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -79,6 +79,7 @@ class Broker(Node):
         self.outbox: list[tuple[str, list[bytes]]] = []
         self.started_at = clock()
         self._next_heartbeat = 0.0
+        self.stopping_until: float | None = None  # set by stop(): drain, then exit
         self.counters = {"put": 0, "duplicates": 0, "refused": 0, "delivered": 0, "acked": 0,
                          "released": 0, "expired": 0, "dead": 0}
 
@@ -111,11 +112,14 @@ class Broker(Node):
         while True:
             timeout_ms = max(0, int((next_tick - self.clock()) * 1000))
             events = dict(poller.poll(timeout_ms))
+            now = self.clock()
             if control in events:
                 control.recv()
-                self.log.info("broker stopping")
+                self.stopping_until = now + self.config.drain_timeout_s
+                self.log.info("broker stopping: refusing new records, draining for up to %.0f s",
+                              self.config.drain_timeout_s)
+            if self.stopping_until is not None and self._drained(now):
                 return
-            now = self.clock()
             if frontend in events:
                 self._drain(frontend, self.handle_frontend, now)
             if backend in events:
@@ -227,8 +231,21 @@ class Broker(Node):
         return (f"waiting for {max(missing_p, 0)} more producer(s) and {max(missing_c, 0)} more "
                 "consumer(s) to register")
 
+    def _drained(self, now: float) -> bool:
+        """While stopping: done once consumers stored everything, none is left, or time is up."""
+        held = sum(p.depth for p in self.partitions)
+        if held and self.consumers and now < (self.stopping_until or now):
+            return False
+        if held:
+            self.log.warning("broker stopped holding %d record(s) that no consumer stored: they "
+                             "are lost (the broker keeps records in memory)", held)
+        self.log.info("broker stopped")
+        return True
+
     def _put(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
         producer = self._registered_producer(identity, now)
+        if self.stopping_until is not None:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the broker is shutting down")
         waiting = self._not_ready()
         if waiting is not None:
             raise ProtocolError(ErrorCode.NOT_READY, waiting)

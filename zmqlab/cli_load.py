@@ -327,7 +327,10 @@ def demo(
                 for table in summary_tables(snap, report.verified.by_consumer):
                     out.print(table)
     if failure is not None:
-        _print_logs(log_dir)
+        if failure == "interrupted" or (report is not None and report.interrupted):
+            err.print(f"children's logs are in {log_dir}", highlight=False)
+        else:
+            _print_logs(log_dir)
         err.print(f"[bold red]DEMO FAILED:[/bold red] {failure}", highlight=False)
         raise typer.Exit(1)
     shutil.rmtree(log_dir, ignore_errors=True)

@@ -48,6 +48,7 @@ class BrokerConfig:
     max_batch: int = 500  # records per RECORDS message
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     dedupe_window: int = 100_000  # acknowledged ids remembered for idempotent retries
+    drain_timeout_s: float = 10.0  # on stop: keep delivering until stored, at most this long
     tick_ms: int = 100
 
     def __post_init__(self) -> None:
@@ -62,6 +63,7 @@ class BrokerConfig:
         _positive("max_batch", self.max_batch)
         _positive("max_payload_bytes", self.max_payload_bytes, 2)
         _positive("dedupe_window", self.dedupe_window, 0)
+        _positive("drain_timeout_s", self.drain_timeout_s, 0)
         _positive("tick_ms", self.tick_ms)
 
     @property
@@ -80,6 +82,7 @@ class ProducerConfig:
     retries: int = 3
     heartbeat_ms: int = 1000
     max_batch: int = 1000  # records per PUT to the broker
+    max_pending: int = 50_000  # records waiting for the broker before clients are refused
     tick_ms: int = 100
 
     def __post_init__(self) -> None:
@@ -92,6 +95,7 @@ class ProducerConfig:
         _positive("retries", self.retries, 0)
         _positive("heartbeat_ms", self.heartbeat_ms, 10)
         _positive("max_batch", self.max_batch)
+        _positive("max_pending", self.max_pending)
         _positive("tick_ms", self.tick_ms)
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,7 +250,8 @@ class _Upstream:
     sent_at: float = 0.0
     registered: bool = False
     batch: _InFlight | None = None
-    pending: list[_ClientPut] = field(default_factory=list)
+    pending: deque[_ClientPut] = field(default_factory=deque)
+    pending_records: int = 0
 
 
 class ProducerService(Node):
@@ -348,8 +350,13 @@ class ProducerService(Node):
                                     f"{len(message.payloads)} payload frames")
             if not metas:
                 return proto.encode(Command.ACK, {"acks": [], "errors": []})
+            backlog = self.up.pending_records
+            if backlog + len(metas) > self.config.max_pending:
+                raise ProtocolError(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
+                                    f"holds {backlog} records for the broker; retry later")
             self.stats["received"] += len(metas)
             self.up.pending.append(_ClientPut(client, metas, message.payloads))
+            self.up.pending_records += len(metas)
             return None  # answered when the broker acknowledges
         if command is Command.HELLO:
             return proto.encode(Command.WELCOME, {"name": self.config.name,
@@ -452,9 +459,10 @@ class ProducerService(Node):
         count = 0
         limit = self.config.max_batch
         while up.pending and (not taken or count + len(up.pending[0].metas) <= limit):
-            put = up.pending.pop(0)
+            put = up.pending.popleft()
             taken.append(put)
             count += len(put.metas)
+        up.pending_records -= count
         metas = [m for put in taken for m in put.metas]
         payloads = [p for put in taken for p in put.payloads]
         frames = proto.encode(Command.PUT, {"records": metas}, payloads)
@@ -466,6 +474,6 @@ class ProducerService(Node):
         batch = self.up.batch
         return {"name": self.config.name, "broker": self.config.broker,
                 "registered": self.up.registered,
-                "pending": sum(len(p.metas) for p in self.up.pending),
+                "pending": self.up.pending_records,
                 "inflight": 0 if batch is None else sum(len(p.metas) for p in batch.puts),
                 **self.stats}

@@ -154,9 +154,10 @@ class Supervisor:
         self.children.remove(child)
 
     def stop(self, timeout_s: float = 20.0) -> dict[str, int]:
-        """SIGTERM producers, then consumers, then the broker; SIGKILL what does not stop."""
+        """SIGTERM producers, then the broker (it drains to the consumers), then consumers;
+        SIGKILL what does not stop."""
         codes: dict[str, int] = {}
-        for role in ("producer", "consumer", "broker"):
+        for role in ("producer", "broker", "consumer"):
             group = [c for c in self.children if c.role == role]
             for child in group:
                 if child.process.poll() is None:
