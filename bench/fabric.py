@@ -339,7 +339,14 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
         run.e2e_p99_ms = _ms(percentile(report.e2e_s, 99))
         run.throughput_rps = report.throughput_rps
         if acked != records or run.refused:
-            run.note = f"acked {acked} of {records}, refused {run.refused}"
+            codes: Counter[str] = Counter()
+            reasons: dict[str, str] = {}
+            for p in parts:
+                for code, entry in p["json"]["refusals"].items():
+                    codes[code] += entry["count"]
+                    reasons.setdefault(code, entry["reason"])
+            why = ", ".join(f"{c} x{n} ({reasons[c][:80]})" for c, n in codes.items())
+            run.note = f"acked {acked} of {records}, refused {run.refused}: {why}"
         snap = query_status(topology.frontend, timeout_ms=2000)
         run.note += "" if all(p["depth"] == 0 for p in snap["partitions"]) else " queue not empty"
     finally:

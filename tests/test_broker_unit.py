@@ -165,7 +165,7 @@ def test_consumers_get_round_robin_assignments_and_records_within_credit():
     to(broker, "9090")
     for _ in range(5):
         put(broker, b"{}", key="k")  # every record into the same partition
-    number = broker._held[next(iter(broker._held))][0]
+    number = next(p.number for p in broker.partitions if p.depth)
     owner = broker.partitions[number].owner
     assert to(broker, owner) == []  # no credit yet
     sent = consumer_says(broker, owner, Command.FETCH, {"credit": 3})

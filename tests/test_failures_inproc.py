@@ -230,3 +230,41 @@ def test_the_dedupe_window_is_bounded(ctx):
     assert put(broker, b"{}", ids=["c"]).header["acks"][0][3] is True
     assert put(broker, b"{}", ids=["a"]).header["acks"][0][3] is False  # outside the window
     assert all(side == BACK or True for side, _ in broker.outbox)
+
+
+def test_a_stopping_broker_refuses_new_records_and_drains_what_it_holds(ctx, db_url):
+    GatedSink.gate.clear()
+    GatedSink.down.clear()
+    fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=2, heartbeat_ms=100)
+    fabric.start()
+    from zmqlab import Consumer, ConsumerConfig
+
+    consumer = Consumer(ConsumerConfig(name="9090", broker=fabric.backend, db_url=db_url,
+                                       heartbeat_ms=100), context=ctx,
+                        sink_factory=gated(db_url, "9090"))
+    consumer.start()
+    try:
+        wait_until(lambda: consumer.registered, what="registration")
+        with fabric.client(retries=0, deadline_s=0.2) as client:
+            client.send_batch([make_record({"n": n}) for n in range(30)])
+            wait_until(lambda: fabric.status()["partitions"][0]["inflight"] > 0, what="delivery")
+            stopper = threading.Thread(target=fabric.broker.stop)
+            stopper.start()
+            wait_until(lambda: fabric.broker.stopping_until is not None, what="stopping")
+            from zmqlab.producer import RecordsRefused
+
+            try:
+                client.send({"late": True})
+            except RecordsRefused as exc:
+                assert exc.code == "UNAVAILABLE" and "shutting down" in exc.reason
+            else:
+                raise AssertionError("a stopping broker accepted a record")
+        assert fabric.broker.alive  # still draining: its records are not stored yet
+        GatedSink.gate.set()
+        stopper.join(15)
+        assert not fabric.broker.alive
+        assert len(stored(db_url)) == 30
+    finally:
+        GatedSink.gate.set()
+        consumer.stop()
+        fabric.stop()

@@ -7,11 +7,11 @@ import random
 import pytest
 
 from zmqlab.errors import ProtocolError
-from zmqlab.partition import Entry, Partition
+from zmqlab.partition import Partition
 
 
-def entry(n: int) -> Entry:
-    return Entry(f"id{n}", None, "8080", 0.0, b'{"n":%d}' % n)
+def entry(n: int) -> tuple[str, None, str, float, bytes]:
+    return (f"id{n}", None, "8080", 0.0, b'{"n":%d}' % n)
 
 
 def owned(capacity: int = 4, owner: str = "9090") -> Partition:
@@ -22,31 +22,31 @@ def owned(capacity: int = 4, owner: str = "9090") -> Partition:
 
 def test_full_ring_refuses_and_never_overwrites():
     p = owned(capacity=3)
-    assert [p.append(entry(i)) for i in range(3)] == [0, 1, 2]
-    assert p.append(entry(3)) is None
-    assert [e.id for _, e in p.take(10)] == ["id0", "id1", "id2"]
-    assert p.append(entry(3)) is None  # in-flight records still occupy the ring
+    assert [p.append(*entry(i)) for i in range(3)] == [0, 1, 2]
+    assert p.append(*entry(3)) is None
+    assert [e.id for e in p.take(10)] == ["id0", "id1", "id2"]
+    assert p.append(*entry(3)) is None  # in-flight records still occupy the ring
 
 
 def test_ack_removes_and_frees_space():
     p = owned(capacity=2)
-    p.append(entry(0))
-    p.append(entry(1))
+    p.append(*entry(0))
+    p.append(*entry(1))
     p.take(2)
     removed = p.ack("9090", p.epoch, [0])
-    assert [(o, e.id) for o, e in removed] == [(0, "id0")]
+    assert removed == [(0, "id0")]
     assert (p.depth, p.inflight) == (1, 1)
-    assert p.append(entry(2)) == 2  # offsets only grow; slot reused
+    assert p.append(*entry(2)) == 2  # offsets only grow; slot reused
 
 
 def test_out_of_order_ack_removes_once_the_head_is_acknowledged():
     p = owned()
     for i in range(3):
-        p.append(entry(i))
+        p.append(*entry(i))
     p.take(3)
     assert p.ack("9090", p.epoch, [1, 2]) == []
     assert p.depth == 3
-    assert [e.id for _, e in p.ack("9090", p.epoch, [0])] == ["id0", "id1", "id2"]
+    assert p.ack("9090", p.epoch, [0]) == [(0, "id0"), (1, "id1"), (2, "id2")]
 
 
 @pytest.mark.parametrize("who, epoch_delta, offsets, code", [
@@ -57,8 +57,8 @@ def test_out_of_order_ack_removes_once_the_head_is_acknowledged():
 ])
 def test_bad_acks_are_refused_and_change_nothing(who, epoch_delta, offsets, code):
     p = owned()
-    p.append(entry(0))
-    p.append(entry(1))
+    p.append(*entry(0))
+    p.append(*entry(1))
     p.take(1)
     before = p.snapshot()
     with pytest.raises(ProtocolError) as caught:
@@ -69,8 +69,8 @@ def test_bad_acks_are_refused_and_change_nothing(who, epoch_delta, offsets, code
 
 def test_double_ack_is_refused():
     p = owned()
-    p.append(entry(0))
-    p.append(entry(1))
+    p.append(*entry(0))
+    p.append(*entry(1))
     p.take(2)
     p.ack("9090", p.epoch, [1])
     with pytest.raises(ProtocolError):
@@ -80,20 +80,20 @@ def test_double_ack_is_refused():
 def test_release_redelivers_first_in_order_with_attempt_raised():
     p = owned()
     for i in range(3):
-        p.append(entry(i))
+        p.append(*entry(i))
     p.take(2)
     p.want_owner("9091")
     assert p.owner == "9090"  # still draining: two records in flight at 9090
     assert p.owner_gone() == 2
     assert (p.owner, p.epoch) == ("9091", 2)
     batch = p.take(10)
-    assert [(o, e.id, e.attempt) for o, e in batch] == [(0, "id0", 2), (1, "id1", 2),
-                                                         (2, "id2", 1)]
+    assert [(e.offset, e.id, e.attempt) for e in batch] == [(0, "id0", 2), (1, "id1", 2),
+                                                             (2, "id2", 1)]
 
 
 def test_handover_waits_for_the_old_owners_acks():
     p = owned()
-    p.append(entry(0))
+    p.append(*entry(0))
     p.take(1)
     assert not p.want_owner("9091")
     assert p.draining and p.owner == "9090" and p.epoch == 1
@@ -105,7 +105,7 @@ def test_handover_waits_for_the_old_owners_acks():
 
 def test_stale_ack_after_a_release_settles_nothing():
     p = owned()
-    p.append(entry(0))
+    p.append(*entry(0))
     p.take(1)
     p.want_owner("9091")
     p.owner_gone()
@@ -126,10 +126,10 @@ def test_random_rebalances_never_put_a_record_in_flight_at_two_owners():
     for _ in range(3000):
         action = rng.random()
         if action < 0.3:
-            if p.append(entry(n)) is not None:
+            if p.append(*entry(n)) is not None:
                 n += 1
         elif action < 0.5 and p.owner and not p.draining:
-            for offset, _ in p.take(rng.randint(1, 5)):
+            for offset, *_ in p.take(rng.randint(1, 5)):
                 assert offset not in at, "delivered while in flight elsewhere"
                 at[offset] = p.owner
         elif action < 0.7 and at:
@@ -149,3 +149,23 @@ def test_random_rebalances_never_put_a_record_in_flight_at_two_owners():
                 at.clear()
         assert all(h == p.owner for h in at.values())
         assert p.head <= p.cursor <= p.tail and p.tail - p.head <= p.capacity
+
+
+def test_find_locates_a_held_record_across_the_wrap():
+    p = owned(capacity=3)
+    for i in range(3):
+        p.append(*entry(i))
+    p.take(2)
+    p.ack("9090", p.epoch, [0, 1])
+    p.append(*entry(3))  # wraps into slot 0
+    assert (p.find("id3"), p.find("id2"), p.find("id0")) == (3, 2, None)
+
+
+def test_ack_refuses_a_repeated_offset():
+    p = owned()
+    for i in range(3):
+        p.append(*entry(i))
+    p.take(3)
+    with pytest.raises(ProtocolError):
+        p.ack("9090", p.epoch, [1, 1])
+    assert p.depth == 3

@@ -73,7 +73,7 @@ class Broker(Node):
         self.producers: dict[bytes, ProducerState] = {}
         self._producer_names: set[str] = set()
         self._consumer_names: set[str] = set()
-        self._held: dict[str, tuple[int, int]] = {}  # record id -> (partition, offset), in queue
+        self._held: set[str] = set()  # ids in the queue (a set: memory, see Partition)
         self._recent: OrderedDict[str, tuple[int, int]] = OrderedDict()  # acknowledged ids
         self._round_robin = 0
         self.outbox: list[tuple[str, list[bytes]]] = []
@@ -146,7 +146,7 @@ class Broker(Node):
             for side, frames in outbox:
                 sock = frontend if side == FRONT else backend
                 try:
-                    sock.send_multipart(frames, copy=False)
+                    sock.send_multipart(frames)
                 except zmq.ZMQError as exc:
                     if side == FRONT:
                         self.log.warning("reply to a producer that is gone dropped: %s", exc)
@@ -281,7 +281,7 @@ class Broker(Node):
                                 f"key must be null or a string of at most {MAX_KEY_CHARS} chars")
         if not isinstance(created_at, int | float) or isinstance(created_at, bool):
             raise ProtocolError(ErrorCode.INVALID_RECORD, "created_at must be a number (Unix time)")
-        known = self._held.get(record_id) or self._recent.get(record_id)
+        known = self._locate(record_id, key)
         if known is not None:  # an idempotent retry: answer with the original position
             self.counters["duplicates"] += 1
             return known[0], known[1], True
@@ -294,7 +294,6 @@ class Broker(Node):
             is_object = False
         if not is_object:
             raise ProtocolError(ErrorCode.INVALID_RECORD, "payload must be a JSON object")
-        entry = Entry(record_id, key, producer, float(created_at), payload)
         count = len(self.partitions)
         if key is not None:
             candidates = [zlib.crc32(key.encode()) % count]
@@ -303,13 +302,24 @@ class Broker(Node):
             self._round_robin = (start + 1) % count
             candidates = [(start + i) % count for i in range(count)]
         for number in candidates:
-            offset = self.partitions[number].append(entry)
+            offset = self.partitions[number].append(record_id, key, producer, created_at, payload)
             if offset is not None:
-                self._held[record_id] = (number, offset)
+                self._held.add(record_id)
                 return number, offset, False
         where = f"partition {candidates[0]}" if key is not None else "every partition"
         raise ProtocolError(ErrorCode.PARTITION_FULL,
                             f"{where} is full ({self.config.capacity} records); retry later")
+
+    def _locate(self, record_id: str, key: str | None) -> tuple[int, int] | None:
+        """Where a known id sits: held (found by a scan, only on retries) or recently acked."""
+        if record_id in self._held:
+            count = len(self.partitions)
+            first = zlib.crc32(key.encode()) % count if key is not None else 0
+            for number in [first, *range(count)]:
+                offset = self.partitions[number].find(record_id)
+                if offset is not None:
+                    return number, offset
+        return self._recent.get(record_id)
 
     def _stats(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
         return proto.encode(Command.STATS, self.snapshot(now))
@@ -376,20 +386,20 @@ class Broker(Node):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
         if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be integers")
-        dead = message.header.get("dead", [])
+        dead = message.header.get("dead") or []
         if not isinstance(dead, list) or not set(dead) <= set(offsets):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must list some of the offsets")
         removed = self.partitions[number].ack(state.name, epoch, offsets)
         state.acked += len(offsets)
         self.counters["acked"] += len(offsets)
         self.counters["dead"] += len(dead)
-        held, recent, window = self._held, self._recent, self.config.dedupe_window
-        dead_ids = {e.id for o, e in removed if o in dead} if dead else ()
-        for _, entry in removed:
-            position = held.pop(entry.id, None)
+        recent, window = self._recent, self.config.dedupe_window
+        self._held.difference_update(record_id for _, record_id in removed)
+        if window:
             # A dead letter was not stored: replaying it with its id must not look like a retry.
-            if position is not None and window and entry.id not in dead_ids:
-                recent[entry.id] = position
+            dead_offsets = set(dead)
+            recent.update((record_id, (number, offset)) for offset, record_id in removed
+                          if offset not in dead_offsets)
         while len(recent) > window:
             recent.popitem(last=False)
 
@@ -450,13 +460,13 @@ class Broker(Node):
                     break
 
     def _send_records(self, state: ConsumerState, partition: Partition,
-                      batch: list[tuple[int, Entry]]) -> None:
-        metas = [[o, e.id, e.key, e.producer, e.created_at, e.attempt] for o, e in batch]
+                      batch: list[Entry]) -> None:
+        metas = [e[:6] for e in batch]  # offset, id, key, producer, created_at, attempt
         header = {"partition": partition.number, "epoch": partition.epoch, "records": metas}
         state.delivered += len(batch)
         self.counters["delivered"] += len(batch)
         self._send(BACK, state.name.encode(),
-                   proto.encode(Command.RECORDS, header, [e.payload for _, e in batch]))
+                   proto.encode(Command.RECORDS, header, [e.payload for e in batch]))
 
     # -- timers ------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
