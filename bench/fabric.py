@@ -1,9 +1,11 @@
 """Issue 3's benchmark: zmqlab against the no-broker ceiling, in one run on one machine.
 
-    python bench/fabric.py                        # the full run (a few minutes on 2 cores)
-    python bench/fabric.py --records 30000 --scale-records 10000 --queued 100000   # < 1 min
+    python bench/fabric.py                  # the full run (about 3 minutes on 2 cores)
+    python bench/fabric.py --profile        # plus one run under py-spy (pip install py-spy)
+    python bench/fabric.py --records 20000 --repeat 1 --scale-records 10000 --queued 100000
+                                            # a quick run, under a minute
 
-What it measures, in this order, all in the same run:
+What it measures, all in the same run:
 
 1. zmqlab: the seed workload (3 producer services, 6 partitions, 3 consumers, 200-byte
    payloads, SQLite in a temp dir, ACK after commit) started by ``Supervisor``; the load comes
@@ -11,9 +13,12 @@ What it measures, in this order, all in the same run:
    ``zmqlab.loadgen.run_load``; ``verify`` proves nothing was lost or stored twice.
 2. The ceiling: the same records from 3 client processes that PUSH straight to 3 consumer
    processes, which write the same ``records`` table with the same ``Sink`` (no broker, no acks).
-3. zmqlab again at half of the throughput measured in 1, for the ack latency target.
-4. Throughput with 3 vs 24 partitions and with 1 vs 6 consumers.
+   1 and 2 alternate ``--repeat`` times; the ratio is taken between the medians, because on a
+   small shared machine one run of either can be off by a factor of two.
+3. zmqlab again at half of the median throughput of 1, for the ack latency target.
+4. Throughput with 3 vs 24 partitions and with 1 vs 6 consumers (``--repeat`` times each).
 5. The broker's peak RSS with ``--queued`` 200-byte records held (no consumers).
+6. With ``--profile``: one more zmqlab run with py-spy on one process per role.
 
 Throughput is end to end for both paths: records stored / (last ``stored_at`` - first
 ``created_at``), read from the database, so both are measured with the same clock and rule.
@@ -248,8 +253,15 @@ def _profile_stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(5)
 
 
+# Leaf frames that wait rather than work. py-spy's own idle detection misses them here (it
+# counts a thread blocked on a lock or in zmq_poll as active), so they are left out.
+WAITING = ("Condition.wait", "Event.wait", "Poller.poll", "_wait_for_tstate_lock", "Thread.join",
+           "Queue.get", "sleep", "select")
+
+
 def summarize_profile(path: Path, top: int = 10) -> list[tuple[str, float, float]]:
-    """(function, self %, inclusive %) of the busiest functions in a py-spy raw profile."""
+    """(function, self %, inclusive %) of the busiest functions in a py-spy raw profile,
+    as shares of the samples that were not waiting."""
     if not path.exists():
         return []
     own: Counter[str] = Counter()
@@ -261,6 +273,8 @@ def summarize_profile(path: Path, top: int = 10) -> list[tuple[str, float, float
             continue
         count = int(count_text)
         frames = [f for f in stack.split(";") if not f.startswith(("thread", "process"))]
+        if not frames or _short(frames[-1]).split(" (")[0].endswith(WAITING):
+            continue
         total += count
         if frames:
             own[_short(frames[-1])] += count
@@ -358,13 +372,14 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
     return run
 
 
-def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int) -> Run:
+def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int,
+                name: str = "ceiling") -> Run:
     """The no-broker ceiling: client processes PUSH straight to consumer processes."""
-    db_url = f"sqlite:///{tmp / 'ceiling.db'}"
+    db_url = f"sqlite:///{tmp / f'ceiling-{uuid.uuid4().hex[:6]}.db'}"
     from zmqlab.store import make_engine
 
     make_engine(db_url).dispose()  # create the tables once, before three writers race
-    run = Run("ceiling (no broker)", records=records)
+    run = Run(name, records=records)
     ctx = _spawn()
     ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     endpoints = [f"tcp://127.0.0.1:{base + 20 + i}" for i in range(3)]
@@ -403,11 +418,30 @@ def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int) ->
     return run
 
 
+def _idle_broker_kb(tmp: Path, base: int, capacity: int) -> int:
+    """VmRSS of a freshly started broker (no records) with this capacity per partition."""
+    topology = Topology(frontend_port=base, backend_port=base + 1, producers=0, consumers=0,
+                        partitions=6, capacity=capacity,
+                        db_url=f"sqlite:///{tmp / 'memory.db'}", log_level="warning")
+    supervisor = Supervisor(topology, log_dir=str(tmp / "logs-memory"))
+    try:
+        supervisor.start(ready_timeout_s=60)
+        return memory_kb(supervisor.find("broker", "broker").process.pid)["VmRSS"]
+    finally:
+        supervisor.stop()
+
+
 def run_memory(args: argparse.Namespace, tmp: Path, base: int) -> dict[str, Any]:
-    """Peak broker RSS with ``--queued`` 200-byte records held and no consumer to take them."""
+    """Peak broker RSS with ``--queued`` 200-byte records held and no consumer to take them.
+
+    Two baselines: an idle broker with the default capacity (the interpreter and the code), and
+    the same broker just started with the capacity needed here (its rings are allocated up
+    front). The ratio against the target is taken from the first, so the rings count.
+    """
     queued = args.queued
     partitions = 6
     capacity = math.ceil(queued / partitions) + 1000
+    idle_kb = _idle_broker_kb(tmp, base + 10, 10_000)
     topology = Topology(frontend_port=base, backend_port=base + 1, producers=0, consumers=0,
                         partitions=partitions, capacity=capacity,
                         db_url=f"sqlite:///{tmp / 'memory.db'}", log_level="warning")
@@ -415,21 +449,22 @@ def run_memory(args: argparse.Namespace, tmp: Path, base: int) -> dict[str, Any]
     try:
         supervisor.start(ready_timeout_s=60)
         pid = supervisor.find("broker", "broker").process.pid
-        baseline = memory_kb(pid)["VmRSS"]
+        started_kb = memory_kb(pid)["VmRSS"]
         began = time.monotonic()
         report = run_load(LoadOptions((topology.frontend,), records=queued, size=args.size,
                                       clients=4, batch=200, deadline_s=max(60.0, queued / 5000)))
         seconds = time.monotonic() - began
-        mem = memory_kb(pid)
+        peak_kb = memory_kb(pid)["VmHWM"]
         snap = query_status(topology.frontend, timeout_ms=5000)
         held = sum(p["depth"] for p in snap["partitions"])
     finally:
         supervisor.stop()
+    mb = 1024 / 1e6  # kB (KiB) -> MB
     payload_bytes = queued * args.size
-    grown_bytes = (mem["VmHWM"] - baseline) * 1024
-    return {"queued": queued, "held": held, "acked": report.acked, "baseline_mb": baseline / 1e3,
-            "peak_mb": mem["VmHWM"] / 1e3, "grown_mb": grown_bytes / 1e6,
-            "payload_mb": payload_bytes / 1e6,
+    grown_bytes = (peak_kb - idle_kb) * 1024
+    return {"queued": queued, "held": held, "acked": report.acked, "idle_mb": idle_kb * mb,
+            "started_mb": started_kb * mb, "peak_mb": peak_kb * mb, "grown_mb": grown_bytes / 1e6,
+            "records_mb": (peak_kb - started_kb) * mb, "payload_mb": payload_bytes / 1e6,
             "ratio": grown_bytes / payload_bytes if payload_bytes else None,
             "per_million_mb": grown_bytes / 1e6 * 1_000_000 / queued if queued else None,
             "fill_rps": report.acked / seconds if seconds else None}
@@ -462,79 +497,138 @@ def machine() -> dict[str, str]:
             "sqlite": sqlite3.sqlite_version}
 
 
-def render(args: argparse.Namespace, runs: list[Run], scaling: list[Run],
-           memory: dict[str, Any] | None, profiles: dict[str, list[tuple[str, float, float]]],
-           elapsed_s: float) -> str:
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@dataclass
+class Results:
+    """Everything one benchmark run measured."""
+
+    pairs: list[tuple[Run, Run]] = field(default_factory=list)  # (zmqlab, ceiling) per repeat
+    half: Run | None = None
+    scaling: dict[str, list[Run]] = field(default_factory=dict)
+    memory: dict[str, Any] | None = None
+    profiled: Run | None = None
+    profiles: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+
+    def zmqlab_rps(self) -> float:
+        return _median([z.throughput_rps for z, _ in self.pairs])
+
+    def ceiling_rps(self) -> float:
+        return _median([c.throughput_rps for _, c in self.pairs])
+
+    def all_runs(self) -> list[Run]:
+        runs = [r for pair in self.pairs for r in pair]
+        runs += [r for group in self.scaling.values() for r in group]
+        return runs + [r for r in (self.half, self.profiled) if r is not None]
+
+
+def _row(r: Run) -> str:
+    return (f"| {r.name} | {_fmt(r.throughput_rps)} | {_fmt(r.ack_p50_ms, 1, ' ms')} | "
+            f"{_fmt(r.ack_p99_ms, 1, ' ms')} | {_fmt(r.e2e_p50_ms, 0, ' ms')} | "
+            f"{_fmt(r.e2e_p99_ms, 0, ' ms')} | {_fmt(r.broker_cpu_s, 2)} | "
+            f"{_fmt(r.broker_peak_rss_mb, 0, ' MB')} | {_fmt(r.lost)} | {_fmt(r.duplicates)} |")
+
+
+def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
     info = machine()
-    zmqlab = next(r for r in runs if r.name == "zmqlab")
-    ceiling = next((r for r in runs if r.name.startswith("ceiling")), None)
+    extra = ""
+    if args.consumer_arg or args.broker_arg:
+        extra = (f" Extra node options: consumers {' '.join(args.consumer_arg) or '-'}, "
+                 f"broker {' '.join(args.broker_arg) or '-'}.")
     lines = ["# zmqlab benchmark results", "",
              "Written by `bench/fabric.py`; do not edit by hand. Every figure below comes from "
-             "one run on one machine, with every process sharing it.", "",
+             "one run of that script on one machine, every process sharing it; records/s is end "
+             "to end (stored rows / (last `stored_at` - first `created_at`)) for both paths.", "",
              "```", "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]), "```", "",
              f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, {info['os']}.",
              f"Versions: Python {info['python']}, pyzmq {info['pyzmq']}, libzmq {info['libzmq']}, "
              f"SQLAlchemy {info['sqlalchemy']}, SQLModel {info['sqlmodel']}, "
              f"SQLite {info['sqlite']}.",
-             f"Workload: {args.records} records of {args.size} bytes, 3 client processes "
+             f"Workload: {args.records} records of {args.size} bytes per run, 3 client processes "
              f"({args.clients} client threads in all for zmqlab), batches of {args.batch}; "
-             f"SQLite sink in a temp dir. Run took {elapsed_s:.0f} s.", "",
+             f"SQLite sink in a temp dir; {args.repeat} alternating repeat(s) of each path."
+             f"{extra} The whole benchmark took {elapsed_s:.0f} s.", "",
              "## zmqlab vs the no-broker ceiling", "",
-             "| run | records/s (end to end) | ack p50 | ack p99 | e2e p50 | e2e p99 | "
+             "| run | records/s | ack p50 | ack p99 | e2e p50 | e2e p99 | "
              "broker CPU s | broker peak RSS | lost | dup |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        lines.append(f"| {r.name} | {_fmt(r.throughput_rps)} | {_fmt(r.ack_p50_ms, 1, ' ms')} | "
-                     f"{_fmt(r.ack_p99_ms, 1, ' ms')} | {_fmt(r.e2e_p50_ms, 0, ' ms')} | "
-                     f"{_fmt(r.e2e_p99_ms, 0, ' ms')} | {_fmt(r.broker_cpu_s, 2)} | "
-                     f"{_fmt(r.broker_peak_rss_mb, 0, ' MB')} | {_fmt(r.lost)} | "
-                     f"{_fmt(r.duplicates)} |")
+    for pair in results.pairs:
+        lines += [_row(r) for r in pair]
+    if results.half is not None:
+        lines.append(_row(results.half))
     lines.append("")
-    if ceiling is not None and ceiling.throughput_rps:
-        ratio = zmqlab.throughput_rps / ceiling.throughput_rps
+    if results.pairs and results.ceiling_rps():
+        ratio = results.zmqlab_rps() / results.ceiling_rps()
         verdict = "meets" if ratio >= 0.7 else "misses"
-        lines.append(f"**Ratio zmqlab / ceiling: {ratio:.2f}** ({verdict} the 0.70 target).")
-    half = next((r for r in runs if r.name.startswith("zmqlab at half")), None)
+        each = [z.throughput_rps / c.throughput_rps for z, c in results.pairs if c.throughput_rps]
+        lines.append(f"**Ratio zmqlab / ceiling: {ratio:.2f}** (medians: "
+                     f"{results.zmqlab_rps():,.0f} / {results.ceiling_rps():,.0f} records/s; "
+                     f"per repeat {', '.join(f'{x:.2f}' for x in each)}) — {verdict} the 0.70 "
+                     "target.")
+    half = results.half
     if half is not None and half.ack_p99_ms is not None:
         verdict = "meets" if half.ack_p99_ms < 50 else "misses"
         lines.append(f"Ack p99 at half the maximum rate: {half.ack_p99_ms:.1f} ms ({verdict} the "
                      "50 ms target).")
-    notes = [f"{r.name}: {r.note.strip()}" for r in runs + scaling if r.note.strip()]
+    notes = [f"{r.name}: {r.note.strip()}" for r in results.all_runs() if r.note.strip()]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
-    lines += ["", "CPU seconds per role (all processes of the role, during the load):", ""]
-    for r in (zmqlab, ceiling):
-        if r is not None and r.cpu_s:
+    if results.pairs:
+        lines += ["", "CPU seconds per role (all processes of the role, during the load), first "
+                  "repeat:", ""]
+        for r in results.pairs[0]:
             total = sum(r.cpu_s.values())
             per = total / r.records * 1e6 if r.records else 0
             lines.append(f"- {r.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_s.items())
                          + f"; total {total:.1f} s = {per:.0f} µs per record")
-    if scaling:
-        lines += ["", "## Scaling (end-to-end records/s)", "",
-                  "| topology | records/s | e2e p99 | lost | dup |", "|---|---:|---:|---:|---:|"]
-        for r in scaling:
-            lines.append(f"| {r.name} | {_fmt(r.throughput_rps)} | "
-                         f"{_fmt(r.e2e_p99_ms, 0, ' ms')} | {_fmt(r.lost)} | "
-                         f"{_fmt(r.duplicates)} |")
-        pairs = [("3 partitions", "24 partitions"), ("1 consumer", "6 consumers")]
-        for a, b in pairs:
-            ra = next((r for r in scaling if r.name.startswith(a)), None)
-            rb = next((r for r in scaling if r.name.startswith(b)), None)
-            if ra and rb and ra.throughput_rps:
-                lines.append(f"\n{b} / {a}: {rb.throughput_rps / ra.throughput_rps:.2f}")
+    if results.scaling:
+        lines += ["", "## Scaling (end-to-end records/s, median of the repeats)", "",
+                  "| topology | records/s (median) | each repeat | e2e p99 (median) | lost | dup |",
+                  "|---|---:|---|---:|---:|---:|"]
+        medians = {}
+        for label, group in results.scaling.items():
+            medians[label] = _median([r.throughput_rps for r in group])
+            p99s = [r.e2e_p99_ms for r in group if r.e2e_p99_ms is not None]
+            lines.append(f"| {label} | {medians[label]:,.0f} | "
+                         + ", ".join(f"{r.throughput_rps:,.0f}" for r in group)
+                         + f" | {_fmt(_median(p99s) if p99s else None, 0, ' ms')} | "
+                         f"{sum(r.lost or 0 for r in group)} | "
+                         f"{sum(r.duplicates or 0 for r in group)} |")
+        lines.append("")
+        for a, b in (("3 partitions", "24 partitions"), ("1 consumer", "6 consumers")):
+            ka = next((k for k in medians if k.startswith(a)), None)
+            kb = next((k for k in medians if k.startswith(b)), None)
+            if ka and kb and medians[ka]:
+                lines.append(f"- {kb} / {ka}: {medians[kb] / medians[ka]:.2f}")
+    memory = results.memory
     if memory is not None:
         lines += ["", "## Broker memory with records queued (no consumers)", "",
                   f"{memory['queued']:,} records of {args.size} bytes "
-                  f"({memory['payload_mb']:.0f} MB of payload) held by the broker "
-                  f"(depth {memory['held']:,}): RSS {memory['baseline_mb']:.0f} MB before, "
-                  f"peak {memory['peak_mb']:.0f} MB, grown by **{memory['grown_mb']:.0f} MB = "
-                  f"{memory['ratio']:.2f}× the payload bytes** (target ≤ 2×); "
-                  f"{memory['per_million_mb']:.0f} MB per 1,000,000 records. "
-                  f"Filled at {memory['fill_rps']:,.0f} records/s."]
-    if profiles:
-        lines += ["", "## Where the time goes (py-spy, zmqlab run, one process per role)", ""]
-        for role, rows in profiles.items():
-            lines += [f"**{role}** (self % of samples, inclusive %):", ""]
+                  f"({memory['payload_mb']:.0f} MB of payload) held by one broker "
+                  f"(depth {memory['held']:,}, filled at {memory['fill_rps']:,.0f} records/s "
+                  "by 4 clients):", "",
+                  f"- idle broker, default capacity: RSS {memory['idle_mb']:.0f} MB",
+                  f"- broker started with room for them (rings allocated): "
+                  f"{memory['started_mb']:.0f} MB",
+                  f"- peak with every record held (VmHWM): {memory['peak_mb']:.0f} MB",
+                  "",
+                  f"Queued records cost **{memory['grown_mb']:.0f} MB = {memory['ratio']:.2f}× "
+                  f"the payload bytes** (peak minus the idle broker; target ≤ 2×), "
+                  f"{memory['per_million_mb']:.0f} MB per 1,000,000 records; "
+                  f"{memory['records_mb']:.0f} MB of it after the rings were allocated."]
+    if results.profiles:
+        rate = results.profiled.throughput_rps if results.profiled else 0
+        lines += ["", "## Where the time goes (py-spy)", "",
+                  f"A separate zmqlab run under `py-spy record --rate 200` on one process per role "
+                  f"({rate:,.0f} records/s while sampled; not used above). Percentages are of the "
+                  "samples not waiting in a poll, lock or join (on 2 busy cores they still "
+                  "include time spent waiting for a CPU).", ""]
+        for role, rows in results.profiles.items():
+            lines += [f"**{role}** (self %, inclusive %):", ""]
             lines += [f"- {fn}: {own:.0f}% self, {incl:.0f}% incl." for fn, own, incl in rows]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
@@ -544,7 +638,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=200_000,
-                        help="records for zmqlab and for the ceiling")
+                        help="records for zmqlab and for the ceiling, per repeat")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="alternating runs of each path (the table reports medians)")
     parser.add_argument("--size", type=int, default=200, help="payload bytes")
     parser.add_argument("--clients", type=int, default=6, help="zmqlab client threads in all")
     parser.add_argument("--batch", type=int, default=50, help="records per client request")
@@ -558,7 +654,8 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-half-rate", action="store_true")
     parser.add_argument("--profile", action="store_true",
-                        help="py-spy the zmqlab run (needs py-spy on PATH or in the venv)")
+                        help="one more zmqlab run under py-spy (needs py-spy on PATH or in the "
+                             "venv: pip install py-spy)")
     parser.add_argument("--profile-raw", type=Path, default=None,
                         help="keep py-spy's collapsed stacks in this directory")
     parser.add_argument("--consumer-arg", action="append", default=[],
@@ -570,61 +667,68 @@ def main() -> None:
                         help="ports base..base+999 are used")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     began = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="zmqlab-bench-"))
     base = args.port_base
-    runs: list[Run] = []
-    scaling: list[Run] = []
-    memory = None
-    profiles: dict[str, list[tuple[str, float, float]]] = {}
+    results = Results()
     try:
-        print(f"zmqlab: {args.records} records through the seed topology …", flush=True)
-        profile_dir = tmp / "profile" if args.profile else None
-        if profile_dir is not None:
-            profile_dir.mkdir()
-        main_run = run_zmqlab(args, tmp, base, name="zmqlab", records=args.records,
-                              profile_dir=profile_dir)
-        runs.append(main_run)
-        _show(main_run)
-        print(f"ceiling: {args.records} records PUSHed straight to consumers …", flush=True)
-        runs.append(run_ceiling(args, tmp, base + 100, args.records))
-        _show(runs[-1])
-        if not args.skip_half_rate and main_run.throughput_rps:
-            rate = main_run.throughput_rps / 2
+        for i in range(1, args.repeat + 1):
+            print(f"[{i}/{args.repeat}] zmqlab: {args.records} records through the seed "
+                  "topology …", flush=True)
+            zmqlab = run_zmqlab(args, tmp, base, name=f"zmqlab #{i}", records=args.records)
+            _show(zmqlab)
+            print(f"[{i}/{args.repeat}] ceiling: {args.records} records PUSHed straight to "
+                  "consumers …", flush=True)
+            ceiling = run_ceiling(args, tmp, base + 100, args.records, name=f"ceiling #{i}")
+            _show(ceiling)
+            results.pairs.append((zmqlab, ceiling))
+        if not args.skip_half_rate and results.zmqlab_rps():
+            rate = results.zmqlab_rps() / 2
             records = max(1000, min(args.records, int(rate * 10)))
             print(f"zmqlab at half rate ({rate:,.0f}/s), {records} records …", flush=True)
-            runs.append(run_zmqlab(args, tmp, base + 200, name=f"zmqlab at half rate "
-                                   f"({rate:,.0f}/s)", records=records, rate=rate))
-            _show(runs[-1])
+            results.half = run_zmqlab(args, tmp, base + 200, name=f"zmqlab at half rate "
+                                      f"({rate:,.0f}/s)", records=records, rate=rate)
+            _show(results.half)
         if not args.skip_scaling:
-            for i, (label, partitions, consumers) in enumerate((
-                    ("3 partitions, 3 consumers", 3, 3), ("24 partitions, 3 consumers", 24, 3),
-                    ("1 consumer, 6 partitions", 6, 1), ("6 consumers, 6 partitions", 6, 6))):
-                print(f"scaling: {label} …", flush=True)
-                scaling.append(run_zmqlab(args, tmp, base + 300 + 100 * i, name=label,
-                                          records=args.scale_records, partitions=partitions,
-                                          consumers=consumers))
-                _show(scaling[-1])
+            shapes = (("3 partitions, 3 consumers", 3, 3), ("24 partitions, 3 consumers", 24, 3),
+                      ("1 consumer, 6 partitions", 6, 1), ("6 consumers, 6 partitions", 6, 6))
+            for i in range(1, args.repeat + 1):
+                for n, (label, partitions, consumers) in enumerate(shapes):
+                    print(f"[{i}/{args.repeat}] scaling: {label} …", flush=True)
+                    run = run_zmqlab(args, tmp, base + 300 + 100 * n, name=f"{label} #{i}",
+                                     records=args.scale_records, partitions=partitions,
+                                     consumers=consumers)
+                    results.scaling.setdefault(label, []).append(run)
+                    _show(run)
         if not args.skip_memory:
             print(f"memory: {args.queued} records queued in the broker …", flush=True)
-            memory = run_memory(args, tmp, base + 900)
+            results.memory = run_memory(args, tmp, base + 900)
+            memory = results.memory
             print(f"  grown {memory['grown_mb']:.0f} MB for {memory['payload_mb']:.0f} MB "
                   f"of payload ({memory['ratio']:.2f}×)", flush=True)
-        if profile_dir is not None:
+        if args.profile:
+            profile_dir = tmp / "profile"
+            profile_dir.mkdir()
+            print("profile: zmqlab under py-spy …", flush=True)
+            results.profiled = run_zmqlab(args, tmp, base, name="zmqlab (profiled)",
+                                          records=args.records, profile_dir=profile_dir)
+            _show(results.profiled)
             for path in sorted(profile_dir.glob("*.txt")):
-                profiles[path.stem] = summarize_profile(path)
+                results.profiles[path.stem] = summarize_profile(path)
                 if args.profile_raw is not None:
                     args.profile_raw.mkdir(parents=True, exist_ok=True)
                     shutil.copy(path, args.profile_raw / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text = render(args, runs, scaling, memory, profiles, time.monotonic() - began)
+    text = render(args, results, time.monotonic() - began)
     args.out.write_text(text)
     print()
     print(text)
     print(f"written to {args.out}")
-    bad = [r for r in runs + scaling if r.lost or r.duplicates]
+    bad = [r for r in results.all_runs() if r.lost or r.duplicates]
     sys.exit(1 if bad else 0)
 
 

@@ -61,7 +61,7 @@ def make_topology(tmp_path: Path, *, producers: int = 3, consumers: int = 3,
     return Topology(frontend_port=base, backend_port=base + 1, producers=producers,
                     producer_port=base + 10, consumers=consumers, consumer_port=base + 20,
                     partitions=partitions, db_url=f"sqlite:///{tmp_path / 'records.db'}",
-                    heartbeat_ms=250, log_level="warning")
+                    log_level="warning")
 
 
 @pytest.fixture

@@ -236,9 +236,19 @@ def send(
 def status(
     broker: Annotated[str, typer.Option(help="The broker's frontend.")] = "tcp://127.0.0.1:5555",
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw snapshot as JSON.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="A live dashboard, refreshed every second.")] = False,
+    for_s: Annotated[float | None, typer.Option("--for", min=0.0, help="With --watch: stop after this many seconds.")] = None,
     timeout_ms: Annotated[int, typer.Option(min=10)] = 1500,
 ) -> None:
     """Show partitions (depth, in flight, owner, epoch), consumers and producers."""
+    if watch:
+        if as_json:
+            raise typer.BadParameter("--watch shows a dashboard; use --json without it",
+                                     param_hint="--json")
+        from zmqlab.cli_load import watch as watch_command
+
+        watch_command(broker=broker, interval=1.0, for_s=for_s)
+        return
     try:
         snap = query_status(broker, timeout_ms=timeout_ms)
     except ZmqlabError as exc:

@@ -448,6 +448,10 @@ def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | Non
         for thread in threads:
             thread.join(max(0.0, hard_stop - time.monotonic()))
     report.seconds = time.monotonic() - began
+    if any(t.is_alive() for t in threads):  # past the hard stop: should not happen, but bound it
+        stop.set()
+        for thread in threads:
+            thread.join(1.0)
     if stop.is_set():
         report.interrupted = True
     if progress is not None:
