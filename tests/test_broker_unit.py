@@ -55,8 +55,9 @@ def to(broker: Broker, name: str) -> list[proto.Message]:
 def put(broker: Broker, *payloads: bytes, key: str | None = None, ids: list[str] | None = None,
         who: bytes = b"req-1") -> proto.Message:
     ids = ids or [f"id-{i}-{len(broker._held)}" for i in range(len(payloads))]
-    metas = [[i, key, 1.0] for i in ids]
-    return producer_says(broker, Command.PUT, {"records": metas}, list(payloads), who=who)
+    metas = [[i, key, 1.0, len(p)] for i, p in zip(ids, payloads, strict=True)]
+    return producer_says(broker, Command.PUT, {"records": metas},
+                         proto.join_payloads(payloads), who=who)
 
 
 def hello(broker: Broker, who: bytes = b"req-1", name: str = "8080") -> None:
@@ -120,18 +121,33 @@ def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
 
 
 @pytest.mark.parametrize("meta, payload, code", [
-    ([["", None, 1.0]], b"{}", "INVALID_RECORD"),
-    ([["a", 5, 1.0]], b"{}", "INVALID_RECORD"),
-    ([["a", None, "yesterday"]], b"{}", "INVALID_RECORD"),
-    ([["a", None, 1.0]], b"[]", "INVALID_RECORD"),
-    ([["a", None, 1.0]], b"x" * 2_000_000, "TOO_LARGE"),
+    (["", None, 1.0], b"{}", "INVALID_RECORD"),
+    (["a", 5, 1.0], b"{}", "INVALID_RECORD"),
+    (["a", None, "yesterday"], b"{}", "INVALID_RECORD"),
+    (["a", None, 1.0], b"[]", "INVALID_RECORD"),
+    (["a", None, 1.0], b"x" * 2_000_000, "TOO_LARGE"),
 ])
 def test_bad_records_get_a_clear_refusal(meta, payload, code):
     broker, _ = make()
     hello(broker)
-    reply = producer_says(broker, Command.PUT, {"records": meta}, [payload])
+    reply = producer_says(broker, Command.PUT, {"records": [[*meta, len(payload)]]}, [payload])
     assert reply.header["errors"][0][1] == code
     assert reply.header["errors"][0][3] is False
+    assert sum(p.depth for p in broker.partitions) == 0
+
+
+@pytest.mark.parametrize("records, frames", [
+    ([["a", None, 1.0]], [b"{}"]),  # no size
+    ([["a", None, 1.0, 3]], [b"{}"]),  # sizes do not match the frame
+    ([["a", None, 1.0, 2]], [b"{}", b"{}"]),  # one frame per batch
+    ([["a", None, 1.0, -1]], [b"{}"]),
+    ("nope", [b"{}"]),
+])
+def test_put_whose_sizes_and_frames_disagree_is_refused_whole(records, frames):
+    broker, _ = make()
+    hello(broker)
+    reply = producer_says(broker, Command.PUT, {"records": records}, frames)
+    assert proto.error_of(reply)[0] == "BAD_MESSAGE"
     assert sum(p.depth for p in broker.partitions) == 0
 
 
@@ -149,13 +165,6 @@ def test_malformed_messages_get_err_and_the_broker_carries_on(frames, code):
     assert proto.error_of(proto.decode(reply[2:]))[0] == code
 
 
-def test_put_with_mismatched_payload_count_is_refused_whole():
-    broker, _ = make()
-    hello(broker)
-    reply = producer_says(broker, Command.PUT, {"records": [["a", None, 1.0]]}, [])
-    assert proto.error_of(reply)[0] == "BAD_MESSAGE"
-
-
 def test_consumers_get_round_robin_assignments_and_records_within_credit():
     broker, _ = make(partitions=4, max_batch=2)
     hello(broker)
@@ -170,12 +179,12 @@ def test_consumers_get_round_robin_assignments_and_records_within_credit():
     assert to(broker, owner) == []  # no credit yet
     sent = consumer_says(broker, owner, Command.FETCH, {"credit": 3})
     assert [m.command for m in sent] == [Command.RECORDS, Command.RECORDS]
-    assert [len(m.payloads) for m in sent] == [2, 1]  # max_batch 2, credit 3
+    assert [len(m.header["records"]) for m in sent] == [2, 1]  # max_batch 2, credit 3
     assert broker.partitions[number].inflight == 3
     acked = consumer_says(broker, owner, Command.ACK,
                           {"partition": number, "epoch": sent[0].header["epoch"],
                            "offsets": [0, 1]})
-    assert [len(m.payloads) for m in acked] == [2]  # freed credit brings the rest
+    assert [len(m.header["records"]) for m in acked] == [2]  # freed credit brings the rest
 
 
 def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
@@ -185,7 +194,8 @@ def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
     put(broker, b'{"n":1}', b'{"n":2}')
     first = to(broker, "9090")
-    assert len(first[0].payloads) == 2
+    assert len(first[0].header["records"]) == 2
+    assert first[0].payloads == (b'{"n":1}{"n":2}',)
     consumer_says(broker, "9091", Command.HELLO)
     consumer_says(broker, "9091", Command.FETCH, {"credit": 10})
     assert broker.partitions[0].owner == "9090"  # round robin keeps Q1 on 9090

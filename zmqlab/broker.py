@@ -250,10 +250,10 @@ class Broker(Node):
         if waiting is not None:
             raise ProtocolError(ErrorCode.NOT_READY, waiting)
         metas = proto.require(message.header, "records", list)
-        payloads = message.payloads
-        if len(metas) != len(payloads):
+        if not all(isinstance(m, list) and len(m) == 4 for m in metas):
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"{len(metas)} record headers but {len(payloads)} payload frames")
+                                "each record header must be [id, key, created_at, size]")
+        payloads = proto.split_payloads([m[3] for m in metas], message.payloads)
         acks: list[list[Any]] = []
         errors: list[list[Any]] = []
         for index, (meta, payload) in enumerate(zip(metas, payloads, strict=True)):
@@ -269,10 +269,7 @@ class Broker(Node):
 
     def _append(self, meta: Any, payload: bytes, producer: str) -> tuple[int, int, bool]:
         """Store one record; (partition, offset, duplicate) or ProtocolError for this record."""
-        if not (isinstance(meta, list) and len(meta) == 3):
-            raise ProtocolError(ErrorCode.INVALID_RECORD,
-                                "record header must be [id, key, created_at]")
-        record_id, key, created_at = meta
+        record_id, key, created_at, _ = meta
         if not isinstance(record_id, str) or not 0 < len(record_id) <= MAX_ID_CHARS:
             raise ProtocolError(ErrorCode.INVALID_RECORD,
                                 f"id must be a string of 1 to {MAX_ID_CHARS} characters")
@@ -384,10 +381,8 @@ class Broker(Node):
         offsets = proto.require(message.header, "offsets", list)
         if not 0 <= number < len(self.partitions):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
-        if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be integers")
         dead = message.header.get("dead") or []
-        if not isinstance(dead, list) or not set(dead) <= set(offsets):
+        if dead and (not isinstance(dead, list) or not set(dead) <= set(offsets)):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must list some of the offsets")
         removed = self.partitions[number].ack(state.name, epoch, offsets)
         state.acked += len(offsets)
@@ -461,12 +456,13 @@ class Broker(Node):
 
     def _send_records(self, state: ConsumerState, partition: Partition,
                       batch: list[Entry]) -> None:
-        metas = [e[:6] for e in batch]  # offset, id, key, producer, created_at, attempt
+        # offset, id, key, producer, created_at, attempt, size
+        metas = [(*e[:6], len(e.payload)) for e in batch]
         header = {"partition": partition.number, "epoch": partition.epoch, "records": metas}
         state.delivered += len(batch)
         self.counters["delivered"] += len(batch)
-        self._send(BACK, state.name.encode(),
-                   proto.encode(Command.RECORDS, header, [e.payload for e in batch]))
+        self._send(BACK, state.name.encode(), proto.encode(
+            Command.RECORDS, header, proto.join_payloads([e.payload for e in batch])))
 
     # -- timers ------------------------------------------------------------------------------
     def tick(self, now: float) -> None:

@@ -126,12 +126,14 @@ class Consumer(Node):
         tick_s = self.config.tick_ms / 1000
         heartbeat_s = self.config.heartbeat_ms / 1000
         next_heartbeat = self.clock() + heartbeat_s
+        poller, polled = zmq.Poller(), None
         while True:
-            poller = zmq.Poller()
-            assert self._dealer is not None
-            for sock in (control, bell, self._dealer, status):
-                if sock is not None:
-                    poller.register(sock, zmq.POLLIN)
+            if polled is not self._dealer:  # a reconnect replaced the DEALER
+                poller = zmq.Poller()
+                for sock in (control, bell, self._dealer, status):
+                    if sock is not None:
+                        poller.register(sock, zmq.POLLIN)
+                polled = self._dealer
             events = dict(poller.poll(int(tick_s * 1000)))
             if control in events:
                 control.recv()
@@ -193,10 +195,9 @@ class Consumer(Node):
         number = proto.require(header, "partition", int)
         epoch = proto.require(header, "epoch", int)
         metas = proto.require(header, "records", list)
-        if len(metas) != len(message.payloads):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "RECORDS header and payloads differ")
+        payloads = proto.split_payloads([m[6] for m in metas], message.payloads)
         deliveries = [Delivery(number, m[0], m[1], m[2], m[3], m[4], m[5], payload)
-                      for m, payload in zip(metas, message.payloads, strict=True)]
+                      for m, payload in zip(metas, payloads, strict=True)]
         self.stats["received"] += len(deliveries)
         self.outstanding += 1
         self.outstanding_records += len(deliveries)

@@ -159,6 +159,8 @@ class Partition:
                           and offsets == list(range(head, head + count)))
             if not contiguous:  # the general case: validate each, allow out-of-order
                 for offset in offsets:
+                    if type(offset) is not int:
+                        raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be integers")
                     if not self.head <= offset < self.cursor or offset in self._acked:
                         raise ProtocolError(
                             ErrorCode.UNKNOWN_OFFSET,

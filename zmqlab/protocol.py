@@ -4,11 +4,14 @@ Every message, after the ROUTER's routing frames and the empty delimiter, is::
 
     [VERSION, COMMAND, header, *payloads]
 
-``header`` is a small JSON object; each record's payload travels as its own frame of raw JSON
-bytes so that the broker can pass it through without decoding it. Consumers' DEALER sockets send
-the empty delimiter that a REQ socket would add, so one parser serves both sides of the broker.
-Compact arrays instead of objects in the per-record parts of headers keep the JSON small and
-cheap to parse on the hot path; the README documents every field.
+``header`` is a small JSON object. The payloads of a batch (PUT, RECORDS) travel as one frame:
+the records' raw JSON bytes back to back, each record's size in its header entry. The broker
+slices and joins them without decoding them. One frame per batch rather than one per record,
+because on the hot path a ZeroMQ frame costs ~3 µs of Python per send (the broker's profile was
+dominated by it) while a slice costs ~0.1 µs. Consumers' DEALER sockets send the empty delimiter
+that a REQ socket would add, so one parser serves both sides of the broker. Compact arrays
+instead of objects in the per-record parts of headers keep the JSON small and cheap to parse;
+the README documents every field.
 """
 
 from __future__ import annotations
@@ -108,6 +111,36 @@ def decode(frames: Sequence[bytes]) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header must be a JSON object")
     return Message(cmd, header, tuple(bytes(f) for f in frames[3:]))
+
+
+def join_payloads(payloads: Sequence[bytes]) -> list[bytes]:
+    """The payload frame of a batch: the payloads back to back (their sizes go in the header)."""
+    return [b"".join(payloads)] if payloads else []
+
+
+def split_payloads(sizes: Sequence[Any], frames: Sequence[bytes]) -> list[bytes]:
+    """Cut a batch's payload frame into one bytes object per record."""
+    if not sizes:
+        if any(frames):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "payload bytes but no records")
+        return []
+    if len(frames) != 1:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"expected one payload frame for the batch, got {len(frames)}")
+    blob = frames[0]
+    out: list[bytes] = []
+    position = 0
+    for size in sizes:
+        if type(size) is not int or size < 0:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"record size must be an integer >= 0, "
+                                f"got {size!r}")
+        end = position + size
+        out.append(blob[position:end])
+        position = end
+    if position != len(blob):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"record sizes add up to {position} bytes but "
+                            f"the payload frame has {len(blob)}")
+    return out
 
 
 def split_envelope(frames: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
