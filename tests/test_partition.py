@@ -7,7 +7,7 @@ import random
 import pytest
 
 from zmqlab.errors import ProtocolError
-from zmqlab.partition import Partition
+from zmqlab.partition import ATTEMPT, ID, Partition
 
 
 def entry(n: int) -> tuple[str, None, str, float, bytes]:
@@ -24,7 +24,7 @@ def test_full_ring_refuses_and_never_overwrites():
     p = owned(capacity=3)
     assert [p.append(*entry(i)) for i in range(3)] == [0, 1, 2]
     assert p.append(*entry(3)) is None
-    assert [e.id for e in p.take(10)] == ["id0", "id1", "id2"]
+    assert [e[ID] for e in p.take(10)] == ["id0", "id1", "id2"]
     assert p.append(*entry(3)) is None  # in-flight records still occupy the ring
 
 
@@ -87,8 +87,8 @@ def test_release_redelivers_first_in_order_with_attempt_raised():
     assert p.owner_gone() == 2
     assert (p.owner, p.epoch) == ("9091", 2)
     batch = p.take(10)
-    assert [(e.offset, e.id, e.attempt) for e in batch] == [(0, "id0", 2), (1, "id1", 2),
-                                                             (2, "id2", 1)]
+    assert [(e[0], e[ID], e[ATTEMPT]) for e in batch] == [(0, "id0", 2), (1, "id1", 2),
+                                                           (2, "id2", 1)]
 
 
 def test_handover_waits_for_the_old_owners_acks():

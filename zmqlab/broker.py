@@ -12,7 +12,6 @@ owner's ACK for the current epoch.
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from collections import OrderedDict
@@ -27,7 +26,7 @@ from zmqlab.assignment import consumer_order, round_robin
 from zmqlab.config import BrokerConfig
 from zmqlab.errors import ProtocolError
 from zmqlab.node import Node, bind, new_socket
-from zmqlab.partition import Entry, Partition
+from zmqlab.partition import PAYLOAD, Entry, Partition
 from zmqlab.protocol import Command, ErrorCode
 
 FRONT = "frontend"
@@ -285,11 +284,7 @@ class Broker(Node):
         if len(payload) > self.config.max_payload_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds "
                                 f"{self.config.max_payload_bytes}")
-        try:
-            is_object = payload[:1] == b"{" and isinstance(json.loads(payload), dict)
-        except (ValueError, UnicodeDecodeError):
-            is_object = False
-        if not is_object:
+        if not proto.is_json_object(payload):
             raise ProtocolError(ErrorCode.INVALID_RECORD, "payload must be a JSON object")
         count = len(self.partitions)
         if key is not None:
@@ -457,12 +452,12 @@ class Broker(Node):
     def _send_records(self, state: ConsumerState, partition: Partition,
                       batch: list[Entry]) -> None:
         # offset, id, key, producer, created_at, attempt, size
-        metas = [(*e[:6], len(e.payload)) for e in batch]
+        metas = [(*e[:PAYLOAD], len(e[PAYLOAD])) for e in batch]
         header = {"partition": partition.number, "epoch": partition.epoch, "records": metas}
         state.delivered += len(batch)
         self.counters["delivered"] += len(batch)
         self._send(BACK, state.name.encode(), proto.encode(
-            Command.RECORDS, header, proto.join_payloads([e.payload for e in batch])))
+            Command.RECORDS, header, proto.join_payloads([e[PAYLOAD] for e in batch])))
 
     # -- timers ------------------------------------------------------------------------------
     def tick(self, now: float) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from array import array
-from typing import Any, NamedTuple
+from typing import Any, Final
 
 from zmqlab.errors import ProtocolError
 from zmqlab.protocol import ErrorCode
@@ -29,16 +29,13 @@ from zmqlab.protocol import ErrorCode
 MAX_ATTEMPT = 65_535  # attempts are kept in an unsigned 16-bit array
 
 
-class Entry(NamedTuple):
-    """A held record as handed out; built on delivery, not what the ring stores."""
-
-    offset: int
-    id: str
-    key: str | None
-    producer: str
-    created_at: float
-    attempt: int
-    payload: bytes
+# A held record as handed out (built on delivery, not what the ring stores):
+# (offset, id, key, producer, created_at, attempt, payload). A plain tuple: a NamedTuple's
+# constructor cost a tenth of the broker's time on the delivery path.
+Entry = tuple[int, str, str | None, str, float, int, bytes]
+ID: Final = 1
+ATTEMPT: Final = 5
+PAYLOAD: Final = 6
 
 
 class Partition:
@@ -108,25 +105,25 @@ class Partition:
             self.appended_total += 1
             return offset
 
-    def _entry(self, offset: int) -> Entry:
-        slot = offset % self.capacity
-        record_id, payload, producer = self._ids[slot], self._payloads[slot], self._producers[slot]
-        assert record_id is not None and payload is not None and producer is not None
-        return Entry(offset, record_id, self._keys[slot], producer, self._created[slot],
-                     self._attempts[slot], payload)
-
     def take(self, limit: int) -> list[Entry]:
         """Hand out up to ``limit`` pending records (they become in flight, and stay here)."""
         with self.lock:
             end = min(self.tail, self.cursor + limit)
-            acked = self._acked
-            out = [self._entry(o) for o in range(self.cursor, end) if o not in acked]
+            out = self._entries(self.cursor, end)
             self.cursor = end
             return out
 
     def entry(self, offset: int) -> Entry | None:
         with self.lock:
-            return self._entry(offset) if self.head <= offset < self.tail else None
+            found = self._entries(offset, offset + 1) if self.head <= offset < self.tail else []
+            return found[0] if found else None
+
+    def _entries(self, start: int, end: int) -> list[Entry]:
+        acked, cap = self._acked, self.capacity
+        ids, keys, producers = self._ids, self._keys, self._producers
+        created, attempts, payloads = self._created, self._attempts, self._payloads
+        return [(o, ids[s], keys[s], producers[s], created[s], attempts[s], payloads[s])  # type: ignore[misc]
+                for o, s in ((o, o % cap) for o in range(start, end)) if o not in acked]
 
     def find(self, record_id: str) -> int | None:
         """The offset of a held record by id (a scan: only retried duplicates need it)."""

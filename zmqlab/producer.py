@@ -397,13 +397,18 @@ class ProducerService(Node):
                 self.log.warning("broker refused registration: %s", reply.header)
         elif awaiting == "put" and self.up.batch is not None:
             batch, self.up.batch = self.up.batch, None
-            self._answer(batch, reply, ingress)
+            self._answer(batch, reply, ingress, frames)
 
     def _answer(self, batch: _InFlight, reply: proto.Message,
-                ingress: zmq.Socket[Any] | None) -> None:
+                ingress: zmq.Socket[Any] | None, frames: list[bytes] | None = None) -> None:
         """Split the broker's answer to a combined batch back into one answer per client."""
         replies: list[list[bytes]]
-        if reply.command is Command.ACK:
+        if reply.command is Command.ACK and len(batch.puts) == 1 and frames is not None:
+            # One client's batch: its indices are the broker's, pass the answer through.
+            self.stats["acked"] += len(reply.header.get("acks", []))
+            self.stats["refused"] += len(reply.header.get("errors", []))
+            replies = [frames]
+        elif reply.command is Command.ACK:
             starts: list[int] = []
             owner: list[int] = []
             for n, put in enumerate(batch.puts):

