@@ -277,30 +277,34 @@ class Broker(Node):
                                 f"key must be null or a string of at most {MAX_KEY_CHARS} chars")
         if not isinstance(created_at, int | float) or isinstance(created_at, bool):
             raise ProtocolError(ErrorCode.INVALID_RECORD, "created_at must be a number (Unix time)")
-        known = self._locate(record_id, key)
-        if known is not None:  # an idempotent retry: answer with the original position
-            self.counters["duplicates"] += 1
-            return known[0], known[1], True
+        if record_id in self._held or record_id in self._recent:
+            known = self._locate(record_id, key)
+            if known is not None:  # an idempotent retry: answer with the original position
+                self.counters["duplicates"] += 1
+                return known[0], known[1], True
         if len(payload) > self.config.max_payload_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds "
                                 f"{self.config.max_payload_bytes}")
         if not proto.is_json_object(payload):
             raise ProtocolError(ErrorCode.INVALID_RECORD, "payload must be a JSON object")
-        count = len(self.partitions)
+        partitions = self.partitions
         if key is not None:
-            candidates = [zlib.crc32(key.encode()) % count]
+            number = zlib.crc32(key.encode()) % len(partitions)
+            offset = partitions[number].append(record_id, key, producer, created_at, payload)
+            if offset is None:
+                raise ProtocolError(ErrorCode.PARTITION_FULL, f"partition {number} is full "
+                                    f"({self.config.capacity} records); retry later")
         else:  # keyless records may go to any partition: skip full ones before refusing
-            start = self._round_robin
-            self._round_robin = (start + 1) % count
-            candidates = [(start + i) % count for i in range(count)]
-        for number in candidates:
-            offset = self.partitions[number].append(record_id, key, producer, created_at, payload)
-            if offset is not None:
-                self._held.add(record_id)
-                return number, offset, False
-        where = f"partition {candidates[0]}" if key is not None else "every partition"
-        raise ProtocolError(ErrorCode.PARTITION_FULL,
-                            f"{where} is full ({self.config.capacity} records); retry later")
+            start = number = self._round_robin
+            self._round_robin = (start + 1) % len(partitions)
+            while (offset := partitions[number].append(record_id, key, producer, created_at,
+                                                       payload)) is None:
+                number = (number + 1) % len(partitions)
+                if number == start:
+                    raise ProtocolError(ErrorCode.PARTITION_FULL, "every partition is full "
+                                        f"({self.config.capacity} records each); retry later")
+        self._held.add(record_id)
+        return number, offset, False
 
     def _locate(self, record_id: str, key: str | None) -> tuple[int, int] | None:
         """Where a known id sits: held (found by a scan, only on retries) or recently acked."""
