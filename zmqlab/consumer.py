@@ -326,7 +326,9 @@ class Consumer(Node):
                     sink = self.sink_factory()
                 outcomes = sink.store([Batch(p.batch.partition, p.batch.epoch, p.remaining,
                                              p.batch.session) for p in pending])
-            except ZmqlabError as exc:  # SinkUnavailable, or a database that cannot be opened
+            except Exception as exc:  # SinkUnavailable, a database that cannot be opened, a bug
+                if not isinstance(exc, ZmqlabError):
+                    self.log.exception("unexpected error while storing; retrying")
                 held = sum(len(p.remaining) for p in pending)
                 self.log.warning("database unavailable, holding %d record(s), retry in %.1f s: %s",
                                  held, delay, exc)
