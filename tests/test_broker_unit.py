@@ -60,6 +60,20 @@ def put(broker: Broker, *payloads: bytes, key: str | None = None, ids: list[str]
                          proto.join_payloads(payloads), who=who)
 
 
+def records_of(message: proto.Message) -> list[list[Any]]:
+    """Every record header in a RECORDS message, over its partitions' batches."""
+    return [r for b in message.header["batches"] for r in b["records"]]
+
+
+def only_batch(message: proto.Message) -> dict[str, Any]:
+    (batch,) = message.header["batches"]
+    return batch  # type: ignore[no-any-return]
+
+
+def ack(number: int, epoch: int, offsets: list[int]) -> dict[str, Any]:
+    return {"acks": [{"partition": number, "epoch": epoch, "offsets": offsets}]}
+
+
 def hello(broker: Broker, who: bytes = b"req-1", name: str = "8080") -> None:
     assert producer_says(broker, Command.HELLO, {"role": "producer", "name": name},
                          who=who).command is Command.WELCOME
@@ -179,12 +193,11 @@ def test_consumers_get_round_robin_assignments_and_records_within_credit():
     assert to(broker, owner) == []  # no credit yet
     sent = consumer_says(broker, owner, Command.FETCH, {"credit": 3})
     assert [m.command for m in sent] == [Command.RECORDS, Command.RECORDS]
-    assert [len(m.header["records"]) for m in sent] == [2, 1]  # max_batch 2, credit 3
+    assert [len(records_of(m)) for m in sent] == [2, 1]  # max_batch 2, credit 3
     assert broker.partitions[number].inflight == 3
     acked = consumer_says(broker, owner, Command.ACK,
-                          {"partition": number, "epoch": sent[0].header["epoch"],
-                           "offsets": [0, 1]})
-    assert [len(m.header["records"]) for m in acked] == [2]  # freed credit brings the rest
+                          ack(number, only_batch(sent[0])["epoch"], [0, 1]))
+    assert [len(records_of(m)) for m in acked] == [2]  # freed credit brings the rest
 
 
 def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
@@ -194,7 +207,7 @@ def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
     put(broker, b'{"n":1}', b'{"n":2}')
     first = to(broker, "9090")
-    assert len(first[0].header["records"]) == 2
+    assert len(records_of(first[0])) == 2
     assert first[0].payloads == (b'{"n":1}{"n":2}',)
     consumer_says(broker, "9091", Command.HELLO)
     consumer_says(broker, "9091", Command.FETCH, {"credit": 10})
@@ -206,10 +219,9 @@ def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
     broker.tick(clock.now)
     assert "9090" not in broker.consumers
     records = [m for m in to(broker, "9091") if m.command is Command.RECORDS]
-    assert [r[5] for r in records[0].header["records"]] == [2, 2]  # attempt raised
-    assert records[0].header["epoch"] == first[0].header["epoch"] + 1
-    late = consumer_says(broker, "9090", Command.ACK, {"partition": 0, "epoch": 1,
-                                                       "offsets": [0, 1]})
+    assert [r[5] for r in records_of(records[0])] == [2, 2]  # attempt raised
+    assert only_batch(records[0])["epoch"] == only_batch(first[0])["epoch"] + 1
+    late = consumer_says(broker, "9090", Command.ACK, ack(0, 1, [0, 1]))
     assert proto.error_of(late[0])[0] == "NOT_REGISTERED"
     assert broker.partitions[0].depth == 2
 
@@ -232,29 +244,45 @@ def test_a_joining_consumer_gets_a_partition_only_after_the_old_owner_acks():
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
     put(broker, b"{}", b"{}")  # one record in each partition
     held = to(broker, "9090")
-    assert sorted(m.header["partition"] for m in held if m.command is Command.RECORDS) == [0, 1]
+    batches = [b for m in held if m.command is Command.RECORDS for b in m.header["batches"]]
+    assert sorted(b["partition"] for b in batches) == [0, 1]
+    assert len([m for m in held if m.command is Command.RECORDS]) == 1  # one message for both
     consumer_says(broker, "9091", Command.HELLO)
     consumer_says(broker, "9091", Command.FETCH, {"credit": 10})
     assert broker.partitions[1].owner == "9090" and broker.partitions[1].target == "9091"
     put(broker, b"{}", b"{}")
     assert [m.command for m in to(broker, "9091")] == []  # Q2 still draining at 9090
-    q2 = next(m for m in held if m.command is Command.RECORDS and m.header["partition"] == 1)
-    consumer_says(broker, "9090", Command.ACK, {"partition": 1, "epoch": q2.header["epoch"],
-                                                "offsets": [0]})
-    got = [m for m in to(broker, "9091") if m.command is Command.RECORDS]
-    assert [(m.header["partition"], m.header["epoch"]) for m in got] == [
-        (1, q2.header["epoch"] + 1)]
+    q2 = next(b for b in batches if b["partition"] == 1)
+    consumer_says(broker, "9090", Command.ACK, ack(1, q2["epoch"], [0]))
+    got = [only_batch(m) for m in to(broker, "9091") if m.command is Command.RECORDS]
+    assert [(b["partition"], b["epoch"]) for b in got] == [(1, q2["epoch"] + 1)]
 
 
 def test_ack_errors_are_reported_to_the_consumer():
     broker, _ = make(partitions=1)
     consumer_says(broker, "9090", Command.HELLO)
-    replies = consumer_says(broker, "9090", Command.ACK,
-                            {"partition": 0, "epoch": 99, "offsets": [0]})
+    replies = consumer_says(broker, "9090", Command.ACK, ack(0, 99, [0]))
     assert proto.error_of(replies[-1])[0] == "STALE_EPOCH"
-    replies = consumer_says(broker, "9090", Command.ACK,
-                            {"partition": 5, "epoch": 1, "offsets": [0]})
+    assert replies[-1].header["partition"] == 0
+    replies = consumer_says(broker, "9090", Command.ACK, ack(5, 1, [0]))
     assert proto.error_of(replies[-1])[0] == "BAD_MESSAGE"
+    replies = consumer_says(broker, "9090", Command.ACK, {"acks": "all"})
+    assert proto.error_of(replies[-1])[0] == "BAD_MESSAGE"
+
+
+def test_one_refused_ack_entry_does_not_stop_the_others():
+    broker, _ = make(partitions=2)
+    hello(broker)
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
+    put(broker, b"{}", b"{}")
+    (message,) = to(broker, "9090")[-1:]
+    epochs = {b["partition"]: b["epoch"] for b in message.header["batches"]}
+    replies = consumer_says(broker, "9090", Command.ACK, {"acks": [
+        {"partition": 0, "epoch": epochs[0] + 7, "offsets": [0]},
+        {"partition": 1, "epoch": epochs[1], "offsets": [0]}]})
+    assert [proto.error_of(r)[0] for r in replies] == ["STALE_EPOCH"]
+    assert [p.depth for p in broker.partitions] == [1, 0]
 
 
 def test_bye_releases_and_rebalances():

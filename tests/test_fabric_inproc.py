@@ -108,7 +108,7 @@ def test_queue_keeps_a_delivered_record_until_it_is_acknowledged(ctx, db_url, en
             return message if message.command is Command.RECORDS else None
 
         delivered = wait_until(records, what="RECORDS")
-        assert delivered.header["records"][0][1] == ack.id
+        assert delivered.header["batches"][0]["records"][0][1] == ack.id
         snap = fabric.status()["partitions"][0]
         assert (snap["depth"], snap["inflight"], snap["owner"]) == (1, 1, "9095")
 

@@ -225,7 +225,7 @@ def test_the_dedupe_window_is_bounded(ctx):
     broker.dispatch(0)
     epoch = broker.partitions[0].epoch
     broker.handle_backend([b"9090", b"", *proto.encode(
-        Command.ACK, {"partition": 0, "epoch": epoch, "offsets": [0, 1, 2]})], 0)
+        Command.ACK, {"acks": [{"partition": 0, "epoch": epoch, "offsets": [0, 1, 2]}]})], 0)
     assert list(broker._recent) == ["b", "c"] and not broker._held
     assert put(broker, b"{}", ids=["c"]).header["acks"][0][3] is True
     assert put(broker, b"{}", ids=["a"]).header["acks"][0][3] is False  # outside the window

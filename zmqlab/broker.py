@@ -375,12 +375,26 @@ class Broker(Node):
         self._rebalance()
 
     def _ack(self, state: ConsumerState, message: proto.Message) -> None:
-        number = proto.require(message.header, "partition", int)
-        epoch = proto.require(message.header, "epoch", int)
-        offsets = proto.require(message.header, "offsets", list)
+        """Apply each partition's ACK on its own: a refused one changes nothing and is
+        answered with ERR, the others still count."""
+        entries = proto.require(message.header, "acks", list)
+        for entry in entries:
+            try:
+                if not isinstance(entry, dict):
+                    raise ProtocolError(ErrorCode.BAD_MESSAGE, "each ACK entry must be an object")
+                self._ack_partition(state, entry)
+            except ProtocolError as exc:
+                number = entry.get("partition") if isinstance(entry, dict) else None
+                self._send(BACK, state.name.encode(),
+                           proto.encode_err(exc.code, exc.reason, partition=number))
+
+    def _ack_partition(self, state: ConsumerState, entry: dict[str, Any]) -> None:
+        number = proto.require(entry, "partition", int)
+        epoch = proto.require(entry, "epoch", int)
+        offsets = proto.require(entry, "offsets", list)
         if not 0 <= number < len(self.partitions):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
-        dead = message.header.get("dead") or []
+        dead = entry.get("dead") or []
         if dead and (not isinstance(dead, list) or not set(dead) <= set(offsets)):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must list some of the offsets")
         removed = self.partitions[number].ack(state.name, epoch, offsets)
@@ -431,7 +445,12 @@ class Broker(Node):
 
     # -- delivery ----------------------------------------------------------------------------
     def dispatch(self, now: float) -> None:
-        """Hand pending records to owners that have credit, one RECORDS message per batch."""
+        """Hand pending records to owners that have credit.
+
+        One RECORDS message per consumer carries a batch from each of its ready partitions
+        (up to ``max_batch`` records in all), so the message count does not grow with the
+        number of partitions a consumer owns.
+        """
         max_batch = self.config.max_batch
         for state in self.consumers.values():
             owned = [p for p in self.partitions if p.owner == state.name]
@@ -443,25 +462,36 @@ class Broker(Node):
                 continue
             start = state.next_partition % len(ready)
             state.next_partition += 1
-            for partition in ready[start:] + ready[:start]:
-                while available > 0:
-                    batch = partition.take(min(available, max_batch))
-                    if not batch:
-                        break
-                    available -= len(batch)
-                    self._send_records(state, partition, batch)
-                if available <= 0:
+            order = ready[start:] + ready[:start]
+            while available > 0:
+                budget = min(available, max_batch)
+                batches: list[tuple[Partition, list[Entry]]] = []
+                for partition in order:
+                    taken = partition.take(budget)
+                    if taken:
+                        batches.append((partition, taken))
+                        budget -= len(taken)
+                        if budget <= 0:
+                            break
+                if not batches:
                     break
+                available -= sum(len(taken) for _, taken in batches)
+                self._send_records(state, batches)
 
-    def _send_records(self, state: ConsumerState, partition: Partition,
-                      batch: list[Entry]) -> None:
-        # offset, id, key, producer, created_at, attempt, size
-        metas = [(*e[:PAYLOAD], len(e[PAYLOAD])) for e in batch]
-        header = {"partition": partition.number, "epoch": partition.epoch, "records": metas}
-        state.delivered += len(batch)
-        self.counters["delivered"] += len(batch)
+    def _send_records(self, state: ConsumerState,
+                      batches: list[tuple[Partition, list[Entry]]]) -> None:
+        header_batches = []
+        payloads: list[bytes] = []
+        for partition, taken in batches:
+            # offset, id, key, producer, created_at, attempt, size
+            metas = [(*e[:PAYLOAD], len(e[PAYLOAD])) for e in taken]
+            header_batches.append({"partition": partition.number, "epoch": partition.epoch,
+                                   "records": metas})
+            payloads.extend(e[PAYLOAD] for e in taken)
+        state.delivered += len(payloads)
+        self.counters["delivered"] += len(payloads)
         self._send(BACK, state.name.encode(), proto.encode(
-            Command.RECORDS, header, proto.join_payloads([e[PAYLOAD] for e in batch])))
+            Command.RECORDS, {"batches": header_batches}, proto.join_payloads(payloads)))
 
     # -- timers ------------------------------------------------------------------------------
     def tick(self, now: float) -> None:

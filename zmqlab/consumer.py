@@ -191,17 +191,24 @@ class Consumer(Node):
                 self.log.warning("broker refused: %s %s", code, reason)
 
     def _accept(self, message: proto.Message) -> None:
-        header = message.header
-        number = proto.require(header, "partition", int)
-        epoch = proto.require(header, "epoch", int)
-        metas = proto.require(header, "records", list)
-        payloads = proto.split_payloads([m[6] for m in metas], message.payloads)
-        deliveries = [Delivery(number, m[0], m[1], m[2], m[3], m[4], m[5], payload)
-                      for m, payload in zip(metas, payloads, strict=True)]
-        self.stats["received"] += len(deliveries)
-        self.outstanding += 1
-        self.outstanding_records += len(deliveries)
-        self._jobs.put(Batch(number, epoch, deliveries, self.session))
+        entries = proto.require(message.header, "batches", list)
+        parts: list[tuple[int, int, list[Any]]] = []
+        sizes: list[Any] = []
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "each RECORDS batch must be an object")
+            metas = proto.require(entry, "records", list)
+            parts.append((proto.require(entry, "partition", int),
+                          proto.require(entry, "epoch", int), metas))
+            sizes.extend(m[6] for m in metas)
+        payloads = iter(proto.split_payloads(sizes, message.payloads))
+        for number, epoch, metas in parts:
+            deliveries = [Delivery(number, m[0], m[1], m[2], m[3], m[4], m[5], next(payloads))
+                          for m in metas]
+            self.stats["received"] += len(deliveries)
+            self.outstanding += 1
+            self.outstanding_records += len(deliveries)
+            self._jobs.put(Batch(number, epoch, deliveries, self.session))
 
     def _finish(self, bell: zmq.Socket[Any]) -> None:
         """Acknowledge what the worker committed (only for the current registration)."""
@@ -210,11 +217,12 @@ class Consumer(Node):
                 bell.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+        acks: list[dict[str, Any]] = []  # one ACK message for every batch finished by now
         while True:
             try:
                 result = self._results.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(result, SinkHealth):
                 self.sink_error = result.error
                 if result.error is None:
@@ -230,13 +238,14 @@ class Consumer(Node):
             self.stats["dead"] += len(result.dead)
             if batch.session != self.session:
                 continue  # released when we re-registered: the broker redelivers them
-            offsets = [d.offset for d in batch.deliveries]
             ack: dict[str, Any] = {"partition": batch.partition, "epoch": batch.epoch,
-                                   "offsets": offsets}
+                                   "offsets": [d.offset for d in batch.deliveries]}
             if result.dead:
                 ack["dead"] = result.dead
-            self._send(Command.ACK, ack)
-            self.stats["acked"] += len(offsets)
+            acks.append(ack)
+            self.stats["acked"] += len(ack["offsets"])
+        if acks:
+            self._send(Command.ACK, {"acks": acks})
 
     def _drain(self, bell: zmq.Socket[Any]) -> None:
         """Graceful stop: take nothing new, finish and ACK what we hold, then say BYE."""

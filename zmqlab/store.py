@@ -198,7 +198,7 @@ class Delivery:
 
 @dataclass(slots=True)
 class Batch:
-    """The records of one RECORDS message: acknowledged together, for their epoch."""
+    """One partition's records from a RECORDS message: acknowledged together, for their epoch."""
 
     partition: int
     epoch: int
