@@ -9,11 +9,14 @@ passes such text through instead of decoding and re-encoding every record.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -235,6 +238,11 @@ class Sink:
         self._insert_records = (insert(RECORDS).on_conflict_do_nothing(index_elements=["id"])
                                 .returning(RECORDS.c.id))
         self._insert_dead = insert(DEAD_LETTERS).on_conflict_do_nothing(index_elements=["id"])
+        self._writers = _WriterLock.for_engine(engine)
+
+    def _transaction(self) -> Any:
+        """A write transaction, taken in turn with the other consumers of a SQLite file."""
+        return _chained(self._writers, self.engine.begin())
 
     @classmethod
     def open(cls, url: str, consumer: str, max_attempts: int = 5,
@@ -246,6 +254,7 @@ class Sink:
 
     def close(self) -> None:
         self.engine.dispose()
+        self._writers.close()
 
     def store(self, batches: Sequence[Batch]) -> list[Outcome]:
         """Store batches in one transaction; raise SinkUnavailable to have them all retried.
@@ -267,7 +276,7 @@ class Sink:
                 except Exception as error:  # the user's transform refused this record
                     self._failed(outcome, d, f"transform: {type(error).__name__}: {error}")
         try:
-            with self.engine.begin() as conn:
+            with self._transaction() as conn:
                 self._insert(conn, fresh)
                 self._bury(conn, exhausted, now)
             return outcomes
@@ -310,7 +319,7 @@ class Sink:
     def _store_one(self, outcome: Outcome, delivery: Delivery, now: datetime,
                    row: dict[str, Any] | None) -> None:
         try:
-            with self.engine.begin() as conn:
+            with self._transaction() as conn:
                 if row is None:
                     self._bury(conn, [(outcome, delivery)], now)
                 else:
@@ -349,6 +358,44 @@ class Sink:
                 "created_at": datetime.fromtimestamp(d.created_at, UTC), "failed_at": now,
                 "attempts": d.attempt + d.failures - 1,
                 "last_error": d.last_error or "delivered without acknowledgement (consumer died)"}
+
+
+class _WriterLock:
+    """Writers to one SQLite file take turns through an advisory lock on a sidecar file.
+
+    SQLite's own busy handler waits by sleeping in growing steps (up to 100 ms), so with several
+    consumer processes the database sat idle while waiters slept; a blocking ``flock`` hands the
+    turn over the moment it is released. A holder is bounded by SQLite's busy timeout, and the
+    kernel releases the lock of a process that dies. Other databases need no such lock.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._file = open(path, "a+b") if path else None  # noqa: SIM115 (held for the sink's life)
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> _WriterLock:
+        database = engine.url.database
+        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return cls(None)
+        return cls(os.path.abspath(database) + ".zmqlab-lock")
+
+    def __enter__(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@contextmanager
+def _chained(lock: _WriterLock, transaction: Any) -> Iterator[Any]:
+    with lock, transaction as conn:
+        yield conn
 
 
 def _describe(error: BaseException) -> str:
