@@ -167,3 +167,21 @@ def test_a_port_in_use_is_a_clear_error():
                      "--backend", f"tcp://127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "cannot bind broker frontend" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dead_letters_are_listed_and_unknown_ids_are_reported(tmp_path: Path):
+    from zmqlab.store import Batch, Delivery, Sink
+
+    db_url = f"sqlite:///{tmp_path / 'dead.db'}"
+    sink = Sink.open(db_url, "9090", max_attempts=1)
+    sink.store([Batch(0, 1, [Delivery(0, 4, "gone-1", "k", "8080", 1.7e9, 2, b'{"a": 1}')])])
+    sink.close()
+    listed = run("dead", "list", "--db", db_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert (row["id"], row["attempts"], row["key"]) == ("gone-1", 1, "k")
+    table = run("dead", "list", "--db", db_url)
+    assert "gone-1" in table.stdout and "1 dead letter" in table.stdout
+    missing = run("dead", "replay", "--db", db_url, "--id", "nope", "--to",
+                  f"tcp://127.0.0.1:{free_port()}", "--timeout-ms", "200", "--retries", "0")
+    assert missing.returncode == 1 and "not a dead letter: nope" in missing.stderr

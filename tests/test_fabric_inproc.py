@@ -163,3 +163,56 @@ def test_invalid_payloads_are_refused_and_the_rest_accepted(ctx, db_url, payload
         assert sum(p["depth"] for p in fabric.status()["partitions"]) == 2
     finally:
         fabric.stop()
+
+
+def test_a_malformed_client_batch_is_refused_without_touching_other_clients(ctx, db_url):
+    fabric = Fabric(ctx, db_url, producers=1, consumers=0).start()
+    try:
+        bad = ctx.socket(zmq.REQ)
+        bad.setsockopt(zmq.LINGER, 0)
+        bad.connect(fabric.ingress["8080"])
+        bad.send_multipart(proto.encode(Command.PUT, {"records": [["x", None, 1.0, 99]]},
+                                        [b"{}"]))
+        reply = proto.decode(recv(bad))
+        assert proto.error_of(reply)[0] == "BAD_MESSAGE"
+        bad.close(0)
+        with fabric.client("8080") as good:
+            assert good.send({"fine": True}).offset == 0
+        assert sum(p["depth"] for p in fabric.status()["partitions"]) == 1
+    finally:
+        fabric.stop()
+
+
+def test_a_producer_service_refuses_clients_once_its_backlog_is_full(ctx, db_url, endpoint):
+    from zmqlab import ProducerConfig, ProducerService
+
+    # No broker at this address: everything a client sends waits in the service's backlog.
+    ingress = endpoint("ingress")
+    service = ProducerService(ProducerConfig(name="8089", broker=endpoint("nobroker"),
+                                             ingress=ingress, max_pending=10), context=ctx)
+    service.start()
+    try:
+        first = ctx.socket(zmq.REQ)
+        first.setsockopt(zmq.LINGER, 0)
+        first.connect(ingress)
+        from zmqlab.producer import encode_put
+
+        first.send_multipart(encode_put([make_record({"n": n}) for n in range(8)]))
+        with fabric_client(ctx, ingress) as second:
+            from zmqlab.producer import RecordsRefused
+
+            try:
+                second.send_batch([make_record({"n": n}) for n in range(5)])
+            except RecordsRefused as exc:
+                assert exc.code == "UNAVAILABLE" and "holds 8 records" in exc.reason
+            else:
+                raise AssertionError("the backlog was not bounded")
+        first.close(0)
+    finally:
+        service.stop()
+
+
+def fabric_client(ctx: zmq.Context[Any], address: str) -> Any:
+    from zmqlab import Producer
+
+    return Producer(address, context=ctx, timeout_ms=1000, retries=0, deadline_s=0.1)
