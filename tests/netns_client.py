@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
     name, timeout = argv[2], float(argv[3])
     deadline = time.monotonic() + timeout
     pause = threading.Event()
+    query_status(endpoint, timeout_ms=2000)
+    print("watching", flush=True)  # the test cuts the link only once we poll
     while time.monotonic() < deadline:
         snap = query_status(endpoint, timeout_ms=500)
         consumers = {c["name"]: c for c in snap["consumers"]}

@@ -122,32 +122,60 @@ def test_queue_keeps_a_delivered_record_until_it_is_acknowledged(ctx, db_url, en
         fabric.stop()
 
 
-def test_producer_service_groups_concurrent_clients_into_batches(ctx, db_url):
-    fabric = Fabric(ctx, db_url, producers=1, consumers=1).start()
+def test_producer_service_groups_concurrent_clients_into_one_batch(ctx, endpoint):
+    """Given a broker that holds its answer to a first client's PUT until seven more clients
+    have sent theirs, the producer service forwards those seven as one PUT, and each client
+    gets exactly its own acks."""
+    from zmqlab import Producer, ProducerConfig, ProducerService
+
+    broker_address, ingress = endpoint("fake-broker"), endpoint("ingress")
+    broker = ctx.socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    broker.bind(broker_address)
+    service = ProducerService(ProducerConfig(name="8080", broker=broker_address, ingress=ingress),
+                              context=ctx)
+    service.start()
+    puts: list[int] = []
+
+    def answer(frames: list[bytes]) -> None:
+        message = proto.decode(frames[2:])
+        if message.command is Command.HELLO:
+            reply = proto.encode(Command.WELCOME, {"partitions": 1})
+        else:
+            count = len(message.header["records"])
+            puts.append(count)
+            base = sum(puts) - count
+            reply = proto.encode(Command.ACK, {"acks": [[i, 0, base + i, False]
+                                                        for i in range(count)], "errors": []})
+        broker.send_multipart([*frames[:2], *reply])
+
+    results: dict[int, list[int]] = {}
+
+    def client(n: int) -> None:
+        with Producer(ingress, context=ctx, timeout_ms=10_000) as c:
+            results[n] = [a.offset for a in c.send_batch([make_record({"i": i})
+                                                          for i in range(50)])]
+
     try:
-        barrier = threading.Barrier(8)
-        results: list[int] = []
-
-        def client() -> None:
-            with fabric.client("8080") as c:
-                barrier.wait(10)
-                results.extend(a.offset for a in c.send_batch(
-                    [make_record({"i": i}) for i in range(50)]))
-
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for t in threads:
+        answer(recv(broker))  # HELLO
+        first = threading.Thread(target=client, args=(0,))
+        first.start()
+        held = recv(broker)  # the first client's PUT: not answered yet
+        others = [threading.Thread(target=client, args=(n,)) for n in range(1, 8)]
+        for t in others:
             t.start()
-        for t in threads:
+        with Producer(ingress, context=ctx) as probe:
+            wait_until(lambda: probe.status()["pending"] == 350, what="7 clients waiting")
+        answer(held)
+        answer(recv(broker))  # the seven, together
+        for t in [first, *others]:
             t.join(30)
-        assert len(results) == 400
-        stats = fabric.status()
-        assert sum(p["appended"] for p in stats["partitions"]) == 400
-        service = fabric.producers["8080"]
-        assert service.stats["acked"] == 400
-        assert service.stats["batches"] < 8  # concurrent clients shared PUTs to the broker
-        wait_until(lambda: len(stored_rows(db_url)) == 400, what="stored")
+        assert puts == [50, 350]
+        assert sorted(o for offsets in results.values() for o in offsets) == list(range(400))
+        assert all(len(offsets) == 50 for offsets in results.values()) and len(results) == 8
     finally:
-        fabric.stop()
+        service.stop()
+        broker.close(0)
 
 
 @pytest.mark.parametrize("payload", [b"[1, 2]", b"not json", b'{"a": 1'])

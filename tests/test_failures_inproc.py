@@ -8,23 +8,14 @@ from typing import Any
 
 import zmq
 from helpers import Fabric, recv, wait_until
-from sqlalchemy import select
+from test_fabric_inproc import stored_rows as stored
 
 from zmqlab import protocol as proto
 from zmqlab.deadletters import list_dead, replay
 from zmqlab.errors import SinkUnavailable
 from zmqlab.producer import Producer, make_record
 from zmqlab.protocol import Command
-from zmqlab.store import RECORDS, Sink, make_engine
-
-
-def stored(db_url: str) -> list[Any]:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(select(RECORDS)).mappings())
-    finally:
-        engine.dispose()
+from zmqlab.store import Sink, make_engine
 
 
 def queue_empty(fabric: Fabric) -> bool:
@@ -74,8 +65,16 @@ class GatedSink(Sink):
         return super().store(batches)
 
 
-def gated(db_url: str, name: str) -> Any:
-    return lambda: GatedSink(make_engine(db_url), name)
+def gated_consumer(ctx: zmq.Context[Any], fabric: Fabric, **options: Any) -> Any:
+    """A consumer 9090 writing through GatedSink, registered with the fabric's broker."""
+    from zmqlab import Consumer, ConsumerConfig
+
+    consumer = Consumer(ConsumerConfig(name="9090", broker=fabric.backend, db_url=fabric.db_url,
+                                       heartbeat_ms=100, **options), context=ctx,
+                        sink_factory=lambda: GatedSink(make_engine(fabric.db_url), "9090"))
+    consumer.start()
+    wait_until(lambda: consumer.registered, what="registration")
+    return consumer
 
 
 def test_a_consumer_busy_in_a_long_transaction_is_not_declared_dead(ctx, db_url):
@@ -83,14 +82,8 @@ def test_a_consumer_busy_in_a_long_transaction_is_not_declared_dead(ctx, db_url)
     GatedSink.down.clear()
     fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=1, heartbeat_ms=100)
     fabric.start()
-    from zmqlab import Consumer, ConsumerConfig
-
-    consumer = Consumer(ConsumerConfig(name="9090", broker=fabric.backend, db_url=db_url,
-                                       heartbeat_ms=100), context=ctx,
-                        sink_factory=gated(db_url, "9090"))
-    consumer.start()
+    consumer = gated_consumer(ctx, fabric)
     try:
-        wait_until(lambda: consumer.registered, what="registration")
         with fabric.client() as client:
             client.send_batch([make_record({"n": n}) for n in range(10)])
         wait_until(lambda: fabric.status()["partitions"][0]["inflight"] == 10, what="delivery")
@@ -115,14 +108,8 @@ def test_while_the_database_is_down_records_stay_queued_and_flow_when_it_returns
     GatedSink.down.set()
     fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=2, heartbeat_ms=100)
     fabric.start()
-    from zmqlab import Consumer, ConsumerConfig
-
-    consumer = Consumer(ConsumerConfig(name="9090", broker=fabric.backend, db_url=db_url,
-                                       heartbeat_ms=100, retry_initial_s=0.01, retry_max_s=0.05),
-                        context=ctx, sink_factory=gated(db_url, "9090"))
-    consumer.start()
+    consumer = gated_consumer(ctx, fabric, retry_initial_s=0.01, retry_max_s=0.05)
     try:
-        wait_until(lambda: consumer.registered, what="registration")
         with fabric.client() as client:
             client.send_batch([make_record({"n": n}) for n in range(20)])
         wait_until(lambda: consumer.stats["sink_errors"] >= 1, what="the sink error")
@@ -237,14 +224,8 @@ def test_a_stopping_broker_refuses_new_records_and_drains_what_it_holds(ctx, db_
     GatedSink.down.clear()
     fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=2, heartbeat_ms=100)
     fabric.start()
-    from zmqlab import Consumer, ConsumerConfig
-
-    consumer = Consumer(ConsumerConfig(name="9090", broker=fabric.backend, db_url=db_url,
-                                       heartbeat_ms=100), context=ctx,
-                        sink_factory=gated(db_url, "9090"))
-    consumer.start()
+    consumer = gated_consumer(ctx, fabric)
     try:
-        wait_until(lambda: consumer.registered, what="registration")
         with fabric.client(retries=0, deadline_s=0.2) as client:
             client.send_batch([make_record({"n": n}) for n in range(30)])
             wait_until(lambda: fabric.status()["partitions"][0]["inflight"] > 0, what="delivery")

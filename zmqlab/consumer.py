@@ -21,7 +21,7 @@ import zmq
 from zmqlab import protocol as proto
 from zmqlab.config import ConsumerConfig
 from zmqlab.errors import ProtocolError, ZmqlabError
-from zmqlab.node import Node, bind, new_socket
+from zmqlab.node import Node, bind, new_socket, serve_requests
 from zmqlab.protocol import Command, ErrorCode
 from zmqlab.store import Batch, Delivery, Sink, check_url, load_transform
 
@@ -143,7 +143,7 @@ class Consumer(Node):
             if bell in events:
                 self._finish(bell)
             if status is not None and status in events:
-                self._answer_status(status)
+                serve_requests(status, self._status_request, limit=64)
             now = self.clock()
             if now - self._last_heard > self.config.expiry_s:
                 self.log.warning("broker silent for %.1f s: reconnecting", now - self._last_heard)
@@ -267,24 +267,10 @@ class Consumer(Node):
         self._send(Command.BYE)
         self.log.info("consumer %s stopped: %s", self.config.name, self.stats)
 
-    def _answer_status(self, status: zmq.Socket[Any]) -> None:
-        for _ in range(64):
-            try:
-                frames = status.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                identity, body = proto.split_envelope(frames)
-            except ProtocolError:
-                continue
-            try:
-                message = proto.decode(body)
-                if message.command is not Command.STATS:
-                    raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, "a consumer answers STATS only")
-                reply = proto.encode(Command.STATS, self.snapshot())
-            except ProtocolError as exc:
-                reply = proto.encode_err(exc.code, exc.reason)
-            status.send_multipart([identity, proto.EMPTY, *reply])
+    def _status_request(self, _client: bytes, message: proto.Message) -> list[bytes]:
+        if message.command is not Command.STATS:
+            raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, "a consumer answers STATS only")
+        return proto.encode(Command.STATS, self.snapshot())
 
     def snapshot(self) -> dict[str, Any]:
         return {"name": self.config.name, "registered": self.registered,

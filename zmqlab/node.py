@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from zmqlab.errors import ZmqlabError
+from zmqlab import protocol as proto
+from zmqlab.errors import ProtocolError, ZmqlabError
 
 STOP = b"STOP"
 
@@ -33,6 +35,32 @@ def bind(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         raise ZmqlabError(f"cannot bind {what} on {endpoint}: {exc}") from None
+
+
+Handler = Callable[[bytes, proto.Message], list[bytes] | None]
+
+
+def serve_requests(sock: zmq.Socket[Any], handle: Handler, limit: int = 256) -> None:
+    """Answer what waits on a ROUTER (non-blocking, at most ``limit`` messages).
+
+    ``handle(identity, message)`` returns the reply frames, or None to answer later; a
+    ProtocolError becomes an ERR reply, so a bad request never reaches the node's state.
+    """
+    for _ in range(limit):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            identity, body = proto.split_envelope(frames)
+        except ProtocolError:
+            continue  # no envelope: nobody to answer
+        try:
+            reply = handle(identity, proto.decode(body))
+        except ProtocolError as exc:
+            reply = proto.encode_err(exc.code, exc.reason)
+        if reply is not None:
+            sock.send_multipart([identity, proto.EMPTY, *reply])
 
 
 class Node:

@@ -29,7 +29,7 @@ import zmq
 from zmqlab import protocol as proto
 from zmqlab.config import ProducerConfig
 from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ProtocolError
-from zmqlab.node import Node, bind, new_socket
+from zmqlab.node import Node, bind, new_socket, serve_requests
 from zmqlab.protocol import Command, ErrorCode
 
 
@@ -320,30 +320,13 @@ class ProducerService(Node):
             if control in events:
                 return
             if ingress is not None and ingress in events:
-                self._read_clients(ingress)
+                serve_requests(ingress, self._client_message)
             if self._req is not None and self._req in events:
                 reply = self._req.recv_multipart()
                 self._handle_upstream(reply, ingress)
             self._tick(self.clock(), ingress)
 
     # -- clients -----------------------------------------------------------------------------
-    def _read_clients(self, ingress: zmq.Socket[Any]) -> None:
-        for _ in range(256):
-            try:
-                frames = ingress.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                client, body = proto.split_envelope(frames)
-            except ProtocolError:
-                continue
-            try:
-                reply = self._client_message(client, proto.decode(body))
-            except ProtocolError as exc:
-                reply = proto.encode_err(exc.code, exc.reason)
-            if reply is not None:
-                ingress.send_multipart([client, proto.EMPTY, *reply])
-
     def _client_message(self, client: bytes, message: proto.Message) -> list[bytes] | None:
         command = message.command
         if command is Command.PUT:
