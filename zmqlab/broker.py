@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -263,7 +263,11 @@ class Broker(Node):
                 errors.append([index, code.value, exc.reason, code in proto.RETRYABLE])
         producer.records += len(acks)
         self.counters["put"] += len(acks)
-        self.counters["refused"] += len(errors)
+        if errors:
+            self.counters["refused"] += len(errors)
+            codes = Counter(e[1] for e in errors)
+            self.log.info("refused records producer=%s count=%d codes=%s first=%s",
+                          producer.name, len(errors), dict(codes), errors[0][2])
         return proto.encode(Command.ACK, {"acks": acks, "errors": errors})
 
     def _append(self, meta: Any, payload: bytes, producer: str) -> tuple[int, int, bool]:
