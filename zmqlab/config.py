@@ -27,14 +27,6 @@ def _endpoint(name: str, value: str) -> None:
                           f"got {value!r}")
 
 
-def connect_address(bind: str) -> str:
-    """The address to connect to for a bind address (``tcp://*:5555`` -> ``tcp://127.0.0.1:5555``)."""
-    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
-        if bind.startswith(wildcard):
-            return "tcp://127.0.0.1:" + bind[len(wildcard):]
-    return bind
-
-
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     frontend: str = DEFAULT_FRONTEND

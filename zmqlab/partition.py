@@ -113,11 +113,6 @@ class Partition:
             self.cursor = end
             return out
 
-    def entry(self, offset: int) -> Entry | None:
-        with self.lock:
-            found = self._entries(offset, offset + 1) if self.head <= offset < self.tail else []
-            return found[0] if found else None
-
     def _entries(self, start: int, end: int) -> list[Entry]:
         acked, cap = self._acked, self.capacity
         ids, keys, producers = self._ids, self._keys, self._producers
