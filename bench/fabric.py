@@ -294,12 +294,42 @@ def _short(frame: str) -> str:
     return f"{name} ({file})"
 
 
+def fresh_db(args: argparse.Namespace, tmp: Path, slug: str) -> str:
+    """A new, empty database for one run: a SQLite file, or a new database on --pg's server."""
+    if not args.pg:
+        return f"sqlite:///{tmp / f'{slug}.db'}"
+    from sqlalchemy import create_engine, text
+
+    name = f"zmqlab_bench_{slug.replace('-', '_')}_{uuid.uuid4().hex[:6]}"[:60]
+    admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    CREATED_DATABASES.append(name)
+    return args.pg.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_databases(args: argparse.Namespace) -> None:
+    if not args.pg or not CREATED_DATABASES:
+        return
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for name in CREATED_DATABASES:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+CREATED_DATABASES: list[str] = []
+
+
 def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
                records: int, partitions: int = 6, consumers: int = 3, rate: float = 0.0,
                profile_dir: Path | None = None) -> Run:
     """Start a topology, load it from 3 client processes, verify the database, stop it."""
     slug = "".join(c if c.isalnum() else "-" for c in name)
-    db_url = f"sqlite:///{tmp / f'{slug}.db'}"
+    db_url = fresh_db(args, tmp, slug)
     topology = Topology(frontend_port=base, backend_port=base + 1, producers=3,
                         producer_port=base + 10, consumers=consumers, consumer_port=base + 20,
                         partitions=partitions, db_url=db_url, log_level="warning",
@@ -375,7 +405,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
 def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int,
                 name: str = "ceiling") -> Run:
     """The no-broker ceiling: client processes PUSH straight to consumer processes."""
-    db_url = f"sqlite:///{tmp / f'ceiling-{uuid.uuid4().hex[:6]}.db'}"
+    db_url = fresh_db(args, tmp, f"ceiling-{uuid.uuid4().hex[:6]}")
     from zmqlab.store import make_engine
 
     make_engine(db_url).dispose()  # create the tables once, before three writers race
@@ -535,6 +565,8 @@ def _row(r: Run) -> str:
 
 def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
     info = machine()
+    sink = (f"PostgreSQL sink (a new database per run on {args.pg.split('@')[-1]})" if args.pg
+            else "SQLite sink in a temp dir")
     extra = ""
     if args.consumer_arg or args.broker_arg:
         extra = (f" Extra node options: consumers {' '.join(args.consumer_arg) or '-'}, "
@@ -550,7 +582,7 @@ def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
              f"SQLite {info['sqlite']}.",
              f"Workload: {args.records} records of {args.size} bytes per run, 3 client processes "
              f"({args.clients} client threads in all for zmqlab), batches of {args.batch}; "
-             f"SQLite sink in a temp dir; {args.repeat} alternating repeat(s) of each path."
+             f"{sink}; {args.repeat} alternating repeat(s) of each path."
              f"{extra} The whole benchmark took {elapsed_s:.0f} s.", "",
              "## zmqlab vs the no-broker ceiling", "",
              "| run | records/s | ack p50 | ack p99 | e2e p50 | e2e p99 | "
@@ -665,6 +697,10 @@ def main() -> None:
                         help="extra option for the zmqlab broker (for experiments)")
     parser.add_argument("--port-base", type=int, default=17000,
                         help="ports base..base+999 are used")
+    parser.add_argument("--pg", default=None, metavar="URL",
+                        help="write to PostgreSQL instead of SQLite: a server URL such as "
+                             "postgresql+psycopg://postgres@127.0.0.1:5432/postgres (a new "
+                             "database per run, dropped at the end)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     if args.repeat < 1:
@@ -723,6 +759,7 @@ def main() -> None:
                     shutil.copy(path, args.profile_raw / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        drop_databases(args)
     text = render(args, results, time.monotonic() - began)
     args.out.write_text(text)
     print()
