@@ -3,6 +3,8 @@ fails in CI, where .ci/run makes sure it runs)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from sqlalchemy import select
 from test_fabric_inproc import run_seed_scenario
@@ -28,7 +30,9 @@ def test_postgresql_sink_is_idempotent_and_dead_letters_what_jsonb_refuses(pg_ur
     again = sink.store([Batch(2, 2, [good])])[0]
     assert (again.inserted, again.duplicates) == (0, 1)
     with sink.engine.connect() as conn:
-        assert [r.id for r in conn.execute(select(RECORDS.c.id))] == ["ok-1"]
+        (row,) = conn.execute(select(RECORDS)).mappings()
+        assert (row["id"], row["payload"], row["key"]) == ("ok-1", {"n": 1}, "k")
+        assert row["created_at"] == datetime.fromtimestamp(1_700_000_000.0, UTC)
         (dead,) = conn.execute(select(DEAD_LETTERS)).mappings()
         assert dead["id"] == "nul-1"
         assert "unsupported Unicode escape" in dead["last_error"]

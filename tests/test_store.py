@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from sqlalchemy import select
 
@@ -29,6 +31,9 @@ def test_a_batch_is_stored_and_a_redelivery_stores_nothing_twice(db_url):
     assert sorted(r["id"] for r in stored) == ["id0", "id1", "id2"]
     assert stored[0]["payload"] == {"n": 0}  # raw JSON text stored as a JSON object
     assert stored[0]["consumer"] == "9090"
+    created = datetime.fromtimestamp(1_700_000_000.0, UTC).replace(tzinfo=None)
+    assert stored[0]["created_at"].replace(tzinfo=None) == created  # read back by SQLAlchemy
+    assert stored[0]["stored_at"] >= created
     sink.close()
 
 

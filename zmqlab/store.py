@@ -83,6 +83,8 @@ class DeadLetter(SQLModel, table=True):
 
 
 RECORDS = StoredRecord.__table__  # type: ignore[attr-defined]
+COLUMNS = ("id", "partition", "offset", "key", "producer", "consumer", "payload", "created_at",
+           "stored_at", "attempt")
 DEAD_LETTERS = DeadLetter.__table__  # type: ignore[attr-defined]
 
 
@@ -235,9 +237,20 @@ class Sink:
         self.transform = transform
         dialect = engine.dialect.name
         insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        self._insert_records = (insert(RECORDS).on_conflict_do_nothing(index_elements=["id"])
-                                .returning(RECORDS.c.id))
         self._insert_dead = insert(DEAD_LETTERS).on_conflict_do_nothing(index_elements=["id"])
+        # The hot path goes to the driver's executemany with one prepared single-row statement:
+        # SQLAlchemy's multi-row VALUES with RETURNING cost ~74 µs a record on psycopg (it
+        # re-parses a statement with thousands of placeholders) and ~10 µs on SQLite; this
+        # costs ~9 µs and ~4 µs, and the driver's rowcount still tells inserted from duplicate.
+        preparer = engine.dialect.identifier_preparer
+        marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._sql_records = (
+            f"INSERT INTO {preparer.format_table(RECORDS)} "
+            f"({', '.join(preparer.quote(c) for c in COLUMNS)}) "
+            f"VALUES ({', '.join([marker] * len(COLUMNS))}) ON CONFLICT (id) DO NOTHING")
+        # SQLite keeps datetimes as text in SQLAlchemy's own format; PostgreSQL takes objects.
+        self._when: Callable[[datetime], Any] = (
+            _sqlite_datetime if dialect == "sqlite" else (lambda moment: moment))
         self._writers = _WriterLock.for_engine(engine)
 
     def _transaction(self) -> Any:
@@ -265,6 +278,7 @@ class Sink:
         """
         outcomes = [Outcome(b) for b in batches]
         now = datetime.now(UTC)
+        stored_at = self._when(now)
         exhausted = [(o, d) for o in outcomes for d in o.batch.deliveries if self._exhausted(d)]
         fresh = []
         for outcome in outcomes:
@@ -272,7 +286,7 @@ class Sink:
                 if self._exhausted(d):
                     continue
                 try:
-                    fresh.append((outcome, d, self._row(d, now)))
+                    fresh.append((outcome, d, self._row(d, stored_at)))
                 except Exception as error:  # the user's transform refused this record
                     self._failed(outcome, d, f"transform: {type(error).__name__}: {error}")
         try:
@@ -296,15 +310,19 @@ class Sink:
     def _exhausted(self, delivery: Delivery) -> bool:
         return delivery.attempt + delivery.failures > self.max_attempts
 
-    def _insert(self, conn: Any, items: list[tuple[Outcome, Delivery, dict[str, Any]]]) -> None:
-        if not items:
-            return
-        inserted = set(conn.execute(self._insert_records, [row for _, _, row in items]).scalars())
-        for outcome, delivery, _ in items:
-            if delivery.id in inserted:
-                outcome.inserted += 1
-            else:
-                outcome.duplicates += 1
+    def _insert(self, conn: Any, items: list[tuple[Outcome, Delivery, tuple[Any, ...]]]) -> None:
+        start = 0
+        while start < len(items):  # one executemany per batch: its rowcount is that batch's
+            outcome = items[start][0]
+            end = start
+            while end < len(items) and items[end][0] is outcome:
+                end += 1
+            rows = [row for _, _, row in items[start:end]]
+            result = conn.exec_driver_sql(self._sql_records, rows)
+            inserted = result.rowcount if result.rowcount >= 0 else end - start
+            outcome.inserted += inserted
+            outcome.duplicates += end - start - inserted
+            start = end
 
     def _bury(self, conn: Any, items: list[tuple[Outcome, Delivery]], now: datetime) -> None:
         if not items:
@@ -317,7 +335,7 @@ class Sink:
                         delivery.attempt + delivery.failures - 1, delivery.last_error)
 
     def _store_one(self, outcome: Outcome, delivery: Delivery, now: datetime,
-                   row: dict[str, Any] | None) -> None:
+                   row: tuple[Any, ...] | None) -> None:
         try:
             with self._transaction() as conn:
                 if row is None:
@@ -336,20 +354,19 @@ class Sink:
                     delivery.attempt + delivery.failures - 1, error)
         outcome.failed.append(delivery)
 
-    def _row(self, d: Delivery, now: datetime) -> dict[str, Any]:
-        return {"id": d.id, "partition": d.partition, "offset": d.offset, "key": d.key,
-                "producer": d.producer, "consumer": self.consumer,
-                "payload": self._payload(d.payload),
-                "created_at": datetime.fromtimestamp(d.created_at, UTC), "stored_at": now,
-                "attempt": d.attempt}
+    def _row(self, d: Delivery, stored_at: Any) -> tuple[Any, ...]:
+        """The driver-ready values of one record, in COLUMNS order."""
+        return (d.id, d.partition, d.offset, d.key, d.producer, self.consumer,
+                self._payload(d.payload), self._when(datetime.fromtimestamp(d.created_at, UTC)),
+                stored_at, d.attempt)
 
-    def _payload(self, payload: bytes) -> Any:
+    def _payload(self, payload: bytes) -> str:
         if self.transform is None:  # the hot path: no decode, the JSON text goes in as it is
             return payload.decode("utf-8", errors="replace")
         result = self.transform(parse_json(payload))
         if not isinstance(result, dict):
             raise TypeError(f"transform must return a JSON object, got {type(result).__name__}")
-        return result
+        return json.dumps(result, separators=(",", ":"))
 
     def _dead_row(self, d: Delivery, now: datetime) -> dict[str, Any]:
         return {"id": d.id, "partition": d.partition, "offset": d.offset, "key": d.key,
@@ -396,6 +413,11 @@ class _WriterLock:
 def _chained(lock: _WriterLock, transaction: Any) -> Iterator[Any]:
     with lock, transaction as conn:
         yield conn
+
+
+def _sqlite_datetime(moment: datetime) -> str:
+    """The text SQLAlchemy's SQLite DateTime type stores (and parses back)."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _describe(error: BaseException) -> str:
