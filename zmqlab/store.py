@@ -1,10 +1,10 @@
 """The SQL side: SQLModel tables, engines for SQLite and PostgreSQL, and the idempotent sink.
 
 The sink writes every batch in one transaction with ``INSERT … ON CONFLICT (id) DO NOTHING``,
-so a record redelivered after a crash between COMMIT and ACK is never stored twice; it uses
-SQLAlchemy Core on the SQLModel table (one statement per batch, not an ORM object per row).
-Payloads arrive as raw JSON text and are written as they are: the engine's JSON serializer
-passes such text through instead of decoding and re-encoding every record.
+so a record redelivered after a crash between COMMIT and ACK is never stored twice. The
+statement is built once from the SQLModel table and runs through the driver's ``executemany``
+(not an ORM object, nor SQLAlchemy's per-row parameter processing, per record). Payloads arrive
+as raw JSON text and are written as they are, never decoded and re-encoded.
 """
 
 from __future__ import annotations
@@ -34,14 +34,6 @@ log = logging.getLogger("zmqlab.store")
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 """A user hook run on each payload before it is stored; raising marks the record as failed."""
-
-
-def _serialize(value: Any) -> str:
-    """The engines' JSON serializer: a ``str`` is JSON text already (the sink passes payloads
-    through undecoded); anything else — a transform's dict — is encoded."""
-    if type(value) is str:
-        return value
-    return json.dumps(value, separators=(",", ":"))
 
 
 PAYLOAD_TYPE = JSON().with_variant(JSONB(), "postgresql")
@@ -130,12 +122,11 @@ def engine_for(url: str) -> Engine:
         raise ConfigError(f"not a database URL: {url!r} ({error})") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        engine = create_engine(parsed, json_serializer=_serialize,
-                               connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
         _sqlite_pragmas(engine)
     elif backend == "postgresql":
         try:
-            engine = create_engine(parsed, json_serializer=_serialize, pool_pre_ping=True)
+            engine = create_engine(parsed, pool_pre_ping=True)
         except ModuleNotFoundError as error:
             raise ConfigError(f"PostgreSQL needs its driver: pip install 'zmqlab[postgres]' "
                               f"({error})") from None
