@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -33,9 +33,11 @@ from zmqlab.node import Node, bind, new_socket, serve_requests
 from zmqlab.protocol import Command, ErrorCode
 
 
-@dataclass(frozen=True, slots=True)
-class OutRecord:
-    """A record ready to send: its payload is encoded JSON, its id fixed for retries."""
+class OutRecord(NamedTuple):
+    """A record ready to send: its payload is encoded JSON, its id fixed for retries.
+
+    (NamedTuples, like Ack: made once per record, they cost a third of a frozen dataclass.)
+    """
 
     payload: bytes
     id: str
@@ -43,8 +45,7 @@ class OutRecord:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     """Where the queue holds a record; ``duplicate`` when an earlier try already stored it."""
 
     id: str
