@@ -674,8 +674,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="alternating runs of each path (the table reports medians)")
     parser.add_argument("--size", type=int, default=200, help="payload bytes")
-    parser.add_argument("--clients", type=int, default=6, help="zmqlab client threads in all")
-    parser.add_argument("--batch", type=int, default=50, help="records per client request")
+    parser.add_argument("--clients", type=int, default=12,
+                        help="zmqlab client threads in all (they wait for acks, so they need "
+                             "enough of them in flight; the ceiling's clients do not wait)")
+    parser.add_argument("--batch", type=int, default=100, help="records per client request")
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds a load may take")
     parser.add_argument("--verify-timeout", type=float, default=120.0)
     parser.add_argument("--scale-records", type=int, default=60_000,
