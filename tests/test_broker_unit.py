@@ -55,14 +55,29 @@ def to(broker: Broker, name: str) -> list[proto.Message]:
 def put(broker: Broker, *payloads: bytes, key: str | None = None, ids: list[str] | None = None,
         who: bytes = b"req-1") -> proto.Message:
     ids = ids or [f"id-{i}-{len(broker._held)}" for i in range(len(payloads))]
-    metas = [[i, key, 1.0, len(p)] for i, p in zip(ids, payloads, strict=True)]
+    metas = [[i, key, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
     return producer_says(broker, Command.PUT, {"records": metas},
                          proto.join_payloads(payloads), who=who)
 
 
 def records_of(message: proto.Message) -> list[list[Any]]:
-    """Every record header in a RECORDS message, over its partitions' batches."""
-    return [r for b in message.header["batches"] for r in b["records"]]
+    """Every record in a RECORDS message, over its partitions' batches, as a row
+    [offset, id, key, producer, created_us, attempt, size] (the wire sends columns)."""
+    return [rows for b in message.header["batches"] for rows in batch_rows(b)]
+
+
+def batch_rows(batch: dict[str, Any]) -> list[list[Any]]:
+    offsets = [o for first, count in batch["offsets"] for o in range(first, first + count)]
+    columns = [batch[c] for c in ("ids", "keys", "producers", "created_us", "attempts", "sizes")]
+    return [list(row) for row in zip(offsets, *columns, strict=True)]
+
+
+def placed(reply: proto.Message) -> list[list[Any]]:
+    """The ACK of a one-part PUT, one [index, partition, offset, duplicate] per record."""
+    out = [[index + k, partition, first + k, False]
+           for index, count, partition, first in reply.header["acks"] for k in range(count)]
+    out += [[index, partition, offset, True] for index, partition, offset in reply.header["dups"]]
+    return sorted(out)
 
 
 def only_batch(message: proto.Message) -> dict[str, Any]:
@@ -71,7 +86,7 @@ def only_batch(message: proto.Message) -> dict[str, Any]:
 
 
 def ack(number: int, epoch: int, offsets: list[int]) -> dict[str, Any]:
-    return {"acks": [{"partition": number, "epoch": epoch, "offsets": offsets}]}
+    return {"acks": [{"partition": number, "epoch": epoch, "offsets": [[o, 1] for o in offsets]}]}
 
 
 def hello(broker: Broker, who: bytes = b"req-1", name: str = "8080") -> None:
@@ -96,12 +111,14 @@ def test_broker_refuses_records_until_the_expected_nodes_registered():
     assert put(broker, b"{}").command is Command.ACK
 
 
-def test_put_acks_each_record_with_partition_and_offset():
+def test_put_acks_runs_and_a_keyless_batch_sticks_to_one_partition():
     broker, _ = make(partitions=3)
     hello(broker)
-    reply = put(broker, b'{"a":1}', b'{"a":2}', b'{"a":3}', b'{"a":4}')
-    assert reply.header == {"acks": [[0, 0, 0, False], [1, 1, 0, False], [2, 2, 0, False],
-                                     [3, 0, 1, False]], "errors": []}
+    reply = put(broker, b'{"a":1}', b'{"a":2}', b'{"a":3}')
+    assert reply.header == {"acks": [[0, 3, 0, 0]], "dups": [], "errors": []}
+    assert put(broker, b'{"a":4}', b'{"a":5}').header["acks"] == [[0, 2, 1, 0]]
+    assert put(broker, b'{"a":6}').header["acks"] == [[0, 1, 2, 0]]
+    assert put(broker, b'{"a":7}').header["acks"] == [[0, 1, 0, 3]]  # round robin by batch
 
 
 def test_keyed_records_go_to_crc32_of_the_key():
@@ -111,15 +128,15 @@ def test_keyed_records_go_to_crc32_of_the_key():
     hello(broker)
     reply = put(broker, b"{}", b"{}", key="customer-42")
     expected = zlib.crc32(b"customer-42") % 6
-    assert [a[1] for a in reply.header["acks"]] == [expected, expected]
-    assert [a[2] for a in reply.header["acks"]] == [0, 1]
+    assert [a[1] for a in placed(reply)] == [expected, expected]
+    assert [a[2] for a in placed(reply)] == [0, 1]
 
 
 def test_retry_with_the_same_id_is_answered_as_duplicate_not_queued_twice():
     broker, _ = make()
     hello(broker)
-    first = put(broker, b'{"x":1}', ids=["abc"]).header["acks"][0]
-    again = put(broker, b'{"x":1}', ids=["abc"]).header["acks"][0]
+    first = placed(put(broker, b'{"x":1}', ids=["abc"]))[0]
+    again = placed(put(broker, b'{"x":1}', ids=["abc"]))[0]
     assert again == [0, first[1], first[2], True]
     assert sum(p.depth for p in broker.partitions) == 1
 
@@ -128,18 +145,21 @@ def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
     broker, _ = make(partitions=2, capacity=1)
     hello(broker)
     reply = put(broker, b"{}", b"{}", b"{}")
-    assert [a[0] for a in reply.header["acks"]] == [0, 1]
+    assert [a[0] for a in placed(reply)] == [0, 1]
     (index, code, _reason, retryable), = reply.header["errors"]
     assert (index, code, retryable) == (2, "PARTITION_FULL", True)
     assert [p.depth for p in broker.partitions] == [1, 1]
 
 
 @pytest.mark.parametrize("meta, payload, code", [
-    (["", None, 1.0], b"{}", "INVALID_RECORD"),
-    (["a", 5, 1.0], b"{}", "INVALID_RECORD"),
+    (["", None, 1], b"{}", "INVALID_RECORD"),
+    (["a", 5, 1], b"{}", "INVALID_RECORD"),
     (["a", None, "yesterday"], b"{}", "INVALID_RECORD"),
-    (["a", None, 1.0], b"[]", "INVALID_RECORD"),
-    (["a", None, 1.0], b"x" * 2_000_000, "TOO_LARGE"),
+    (["a", None, 1.5], b"{}", "INVALID_RECORD"),  # created_us is whole microseconds
+    (["a", None, 1], b"[]", "INVALID_RECORD"),
+    (["a", None, 1], b'{"a":1} x', "INVALID_RECORD"),
+    (["a", None, 1], b'{"\xc3\xa9":1', "INVALID_RECORD"),
+    (["a", None, 1], b"x" * 2_000_000, "TOO_LARGE"),
 ])
 def test_bad_records_get_a_clear_refusal(meta, payload, code):
     broker, _ = make()
@@ -242,7 +262,8 @@ def test_a_joining_consumer_gets_a_partition_only_after_the_old_owner_acks():
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
-    put(broker, b"{}", b"{}")  # one record in each partition
+    put(broker, b"{}")  # one record in each partition
+    put(broker, b"{}")
     held = to(broker, "9090")
     batches = [b for m in held if m.command is Command.RECORDS for b in m.header["batches"]]
     assert sorted(b["partition"] for b in batches) == [0, 1]
@@ -251,6 +272,7 @@ def test_a_joining_consumer_gets_a_partition_only_after_the_old_owner_acks():
     consumer_says(broker, "9091", Command.FETCH, {"credit": 10})
     assert broker.partitions[1].owner == "9090" and broker.partitions[1].target == "9091"
     put(broker, b"{}", b"{}")
+    put(broker, b"{}")
     assert [m.command for m in to(broker, "9091")] == []  # Q2 still draining at 9090
     q2 = next(b for b in batches if b["partition"] == 1)
     consumer_says(broker, "9090", Command.ACK, ack(1, q2["epoch"], [0]))
@@ -275,12 +297,13 @@ def test_one_refused_ack_entry_does_not_stop_the_others():
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
-    put(broker, b"{}", b"{}")
+    put(broker, b"{}")
+    put(broker, b"{}")
     (message,) = to(broker, "9090")[-1:]
     epochs = {b["partition"]: b["epoch"] for b in message.header["batches"]}
     replies = consumer_says(broker, "9090", Command.ACK, {"acks": [
-        {"partition": 0, "epoch": epochs[0] + 7, "offsets": [0]},
-        {"partition": 1, "epoch": epochs[1], "offsets": [0]}]})
+        {"partition": 0, "epoch": epochs[0] + 7, "offsets": [[0, 1]]},
+        {"partition": 1, "epoch": epochs[1], "offsets": [[0, 1]]}]})
     assert [proto.error_of(r)[0] for r in replies] == ["STALE_EPOCH"]
     assert [p.depth for p in broker.partitions] == [1, 0]
 
@@ -291,7 +314,8 @@ def test_bye_releases_and_rebalances():
     for name in ("9090", "9091"):
         consumer_says(broker, name, Command.HELLO)
         consumer_says(broker, name, Command.FETCH, {"credit": 5})
-    put(broker, b"{}", b"{}")
+    put(broker, b"{}")
+    put(broker, b"{}")
     to(broker, "9091")
     consumer_says(broker, "9091", Command.BYE)
     assert [p.owner for p in broker.partitions] == ["9090", "9090"]

@@ -108,7 +108,7 @@ def test_queue_keeps_a_delivered_record_until_it_is_acknowledged(ctx, db_url, en
             return message if message.command is Command.RECORDS else None
 
         delivered = wait_until(records, what="RECORDS")
-        assert delivered.header["batches"][0]["records"][0][1] == ack.id
+        assert delivered.header["batches"][0]["ids"] == [ack.id]
         snap = fabric.status()["partitions"][0]
         assert (snap["depth"], snap["inflight"], snap["owner"]) == (1, 1, "9095")
 
@@ -124,8 +124,8 @@ def test_queue_keeps_a_delivered_record_until_it_is_acknowledged(ctx, db_url, en
 
 def test_producer_service_groups_concurrent_clients_into_one_batch(ctx, endpoint):
     """Given a broker that holds its answer to a first client's PUT until seven more clients
-    have sent theirs, the producer service forwards those seven as one PUT, and each client
-    gets exactly its own acks."""
+    have sent theirs, the producer service forwards those seven as one PUT of seven parts,
+    frames untouched, and each client gets exactly its own part's answer."""
     from zmqlab import Producer, ProducerConfig, ProducerService
 
     broker_address, ingress = endpoint("fake-broker"), endpoint("ingress")
@@ -135,18 +135,25 @@ def test_producer_service_groups_concurrent_clients_into_one_batch(ctx, endpoint
     service = ProducerService(ProducerConfig(name="8080", broker=broker_address, ingress=ingress),
                               context=ctx)
     service.start()
-    puts: list[int] = []
+    puts: list[list[int]] = []
+    stored = 0
 
     def answer(frames: list[bytes]) -> None:
+        nonlocal stored
         message = proto.decode(frames[2:])
         if message.command is Command.HELLO:
             reply = proto.encode(Command.WELCOME, {"partitions": 1})
         else:
-            count = len(message.header["records"])
-            puts.append(count)
-            base = sum(puts) - count
-            reply = proto.encode(Command.ACK, {"acks": [[i, 0, base + i, False]
-                                                        for i in range(count)], "errors": []})
+            bodies, counts = [], []
+            for header, blob in proto.put_parts(message):
+                records = proto.parse_header(header)["records"]
+                assert sum(r[3] for r in records) == len(blob)
+                counts.append(len(records))
+                bodies.append(proto.dump({"acks": [[0, len(records), 0, stored]], "dups": [],
+                                          "errors": []}))
+                stored += len(records)
+            puts.append(counts)
+            reply = proto.encode_parts(Command.ACK, bodies)
         broker.send_multipart([*frames[:2], *reply])
 
     results: dict[int, list[int]] = {}
@@ -170,7 +177,7 @@ def test_producer_service_groups_concurrent_clients_into_one_batch(ctx, endpoint
         answer(recv(broker))  # the seven, together
         for t in [first, *others]:
             t.join(30)
-        assert puts == [50, 350]
+        assert puts == [[50], [50] * 7]
         assert sorted(o for offsets in results.values() for o in offsets) == list(range(400))
         assert all(len(offsets) == 50 for offsets in results.values()) and len(results) == 8
     finally:

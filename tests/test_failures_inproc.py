@@ -153,7 +153,7 @@ def test_lazy_pirate_retries_a_lost_reply_with_the_same_ids(ctx, endpoint):
             if len(seen) == 1:
                 continue  # lost reply
             server.send_multipart([*frames[:2], *proto.encode(
-                Command.ACK, {"acks": [[0, 0, 0, True]], "errors": []})])
+                Command.ACK, {"acks": [], "dups": [[0, 0, 0]], "errors": []})])
             replies += 2
 
     thread = threading.Thread(target=serve)
@@ -210,14 +210,16 @@ def test_the_dedupe_window_is_bounded(ctx):
     hello(broker)
     broker.handle_backend([b"9090", b"", *proto.encode(Command.HELLO, {})], 0)
     broker.handle_backend([b"9090", b"", *proto.encode(Command.FETCH, {"credit": 10})], 0)
-    put(broker, b"{}", b"{}", b"{}", ids=["a", "b", "c"])
+    put(broker, b"{}", b"{}", b"{}", b"{}", ids=["a", "b", "c", "d"])
     broker.dispatch(0)
     epoch = broker.partitions[0].epoch
-    broker.handle_backend([b"9090", b"", *proto.encode(
-        Command.ACK, {"acks": [{"partition": 0, "epoch": epoch, "offsets": [0, 1, 2]}]})], 0)
-    assert list(broker._recent) == ["b", "c"] and not broker._held
-    assert put(broker, b"{}", ids=["c"]).header["acks"][0][3] is True
-    assert put(broker, b"{}", ids=["a"]).header["acks"][0][3] is False  # outside the window
+    for first in (0, 2):  # two ACKs of two: each fills a generation of the window
+        broker.handle_backend([b"9090", b"", *proto.encode(Command.ACK, {"acks": [
+            {"partition": 0, "epoch": epoch, "offsets": [[first, 2]]}]})], 0)
+    assert not broker._held
+    assert len(broker._recent) + len(broker._recent_old) <= 2 * 2
+    assert put(broker, b"{}", ids=["c"]).header["dups"] == [[0, 0, 2]]
+    assert put(broker, b"{}", ids=["a"]).header["dups"] == []  # outside the window
 
 
 def test_a_stopping_broker_refuses_new_records_and_drains_what_it_holds(ctx, db_url):

@@ -7,11 +7,23 @@ import random
 import pytest
 
 from zmqlab.errors import ProtocolError
-from zmqlab.partition import ATTEMPT, ID, Partition
+from zmqlab.partition import Partition, Taken
 
 
-def entry(n: int) -> tuple[str, None, str, float, bytes]:
-    return (f"id{n}", None, "8080", 0.0, b'{"n":%d}' % n)
+def entry(n: int) -> tuple[str, None, str, int, bytes]:
+    return (f"id{n}", None, "8080", 1_700_000_000_000_000 + n, b'{"n":%d}' % n)
+
+
+def offsets_of(taken: Taken) -> list[int]:
+    return [o for first, count in taken.offsets for o in range(first, first + count)]
+
+
+def rows(taken: Taken) -> list[tuple[int, str, int]]:
+    """(offset, id, attempt) of each record handed out, checking the columns line up."""
+    columns = (taken.ids, taken.keys, taken.producers, taken.created_us, taken.attempts,
+               taken.payloads)
+    assert all(len(c) == len(taken.ids) for c in columns)
+    return list(zip(offsets_of(taken), taken.ids, taken.attempts, strict=True))
 
 
 def owned(capacity: int = 4, owner: str = "9090") -> Partition:
@@ -24,7 +36,7 @@ def test_full_ring_refuses_and_never_overwrites():
     p = owned(capacity=3)
     assert [p.append(*entry(i)) for i in range(3)] == [0, 1, 2]
     assert p.append(*entry(3)) is None
-    assert [e[ID] for e in p.take(10)] == ["id0", "id1", "id2"]
+    assert p.take(10).ids == ["id0", "id1", "id2"]
     assert p.append(*entry(3)) is None  # in-flight records still occupy the ring
 
 
@@ -34,7 +46,7 @@ def test_ack_removes_and_frees_space():
     p.append(*entry(1))
     p.take(2)
     removed = p.ack("9090", p.epoch, [0])
-    assert removed == [(0, "id0")]
+    assert removed == (0, ["id0"])
     assert (p.depth, p.inflight) == (1, 1)
     assert p.append(*entry(2)) == 2  # offsets only grow; slot reused
 
@@ -44,9 +56,9 @@ def test_out_of_order_ack_removes_once_the_head_is_acknowledged():
     for i in range(3):
         p.append(*entry(i))
     p.take(3)
-    assert p.ack("9090", p.epoch, [1, 2]) == []
+    assert p.ack("9090", p.epoch, [1, 2]) == (0, [])
     assert p.depth == 3
-    assert p.ack("9090", p.epoch, [0]) == [(0, "id0"), (1, "id1"), (2, "id2")]
+    assert p.ack("9090", p.epoch, [0]) == (0, ["id0", "id1", "id2"])
 
 
 @pytest.mark.parametrize("who, epoch_delta, offsets, code", [
@@ -86,9 +98,7 @@ def test_release_redelivers_first_in_order_with_attempt_raised():
     assert p.owner == "9090"  # still draining: two records in flight at 9090
     assert p.owner_gone() == 2
     assert (p.owner, p.epoch) == ("9091", 2)
-    batch = p.take(10)
-    assert [(e[0], e[ID], e[ATTEMPT]) for e in batch] == [(0, "id0", 2), (1, "id1", 2),
-                                                           (2, "id2", 1)]
+    assert rows(p.take(10)) == [(0, "id0", 2), (1, "id1", 2), (2, "id2", 1)]
 
 
 def test_handover_waits_for_the_old_owners_acks():
@@ -129,7 +139,7 @@ def test_random_rebalances_never_put_a_record_in_flight_at_two_owners():
             if p.append(*entry(n)) is not None:
                 n += 1
         elif action < 0.5 and p.owner and not p.draining:
-            for offset, *_ in p.take(rng.randint(1, 5)):
+            for offset in offsets_of(p.take(rng.randint(1, 5))):
                 assert offset not in at, "delivered while in flight elsewhere"
                 at[offset] = p.owner
         elif action < 0.7 and at:
@@ -169,3 +179,36 @@ def test_ack_refuses_a_repeated_offset():
     with pytest.raises(ProtocolError):
         p.ack("9090", p.epoch, [1, 1])
     assert p.depth == 3
+
+
+def test_runs_are_stored_and_handed_out_across_the_wrap():
+    p = owned(capacity=5)
+    assert p.extend(["a", "b", "c"], [None, "k", None], "8080", [1, 2, 3],
+                    [b"{}", b'{"b":1}', b"{}"]) == (0, 3)
+    taken = p.take(2)
+    assert (taken.offsets, taken.keys, taken.created_us) == ([[0, 2]], [None, "k"], [1, 2])
+    p.ack("9090", p.epoch, [0, 1])
+    records = [entry(n) for n in range(3, 8)]
+    first, stored = p.extend([r[0] for r in records], [r[1] for r in records], "8081",
+                             [r[3] for r in records], [r[4] for r in records])
+    assert (first, stored) == (3, 4)  # room for four: the fifth is left to the caller
+    taken = p.take(10)
+    assert rows(taken) == [(2, "c", 1), (3, "id3", 1), (4, "id4", 1), (5, "id5", 1),
+                           (6, "id6", 1)]
+    assert taken.producers == ["8080", "8081", "8081", "8081", "8081"]
+    assert taken.payloads[-1] == b'{"n":6}'
+    assert p.ack("9090", p.epoch, [2, 3, 4, 5, 6]) == (2, ["c", "id3", "id4", "id5", "id6"])
+    assert (p.depth, p.find("id3")) == (0, None)
+
+
+def test_a_redelivery_skips_records_acknowledged_out_of_order():
+    p = owned()
+    for i in range(4):
+        p.append(*entry(i))
+    p.take(4)
+    p.ack("9090", p.epoch, [1, 3])
+    p.want_owner("9091")
+    p.owner_gone()
+    taken = p.take(10)
+    assert taken.offsets == [[0, 1], [2, 1]]
+    assert rows(taken) == [(0, "id0", 2), (2, "id2", 2)]

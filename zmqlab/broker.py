@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +25,8 @@ from zmqlab import protocol as proto
 from zmqlab.assignment import consumer_order, round_robin
 from zmqlab.config import BrokerConfig
 from zmqlab.errors import ProtocolError
-from zmqlab.node import Node, bind, new_socket
-from zmqlab.partition import PAYLOAD, Entry, Partition
+from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames
+from zmqlab.partition import Partition, Taken
 from zmqlab.protocol import Command, ErrorCode
 
 FRONT = "frontend"
@@ -34,6 +34,7 @@ BACK = "backend"
 MAX_ID_CHARS = 128
 MAX_KEY_CHARS = 1024
 DRAIN_PER_POLL = 256  # messages read per socket per wake-up before timers and dispatch run
+_POSITION = 1 << 48  # a remembered (partition, offset) as one int: partition * _POSITION + offset
 
 
 @dataclass
@@ -73,7 +74,10 @@ class Broker(Node):
         self._producer_names: set[str] = set()
         self._consumer_names: set[str] = set()
         self._held: set[str] = set()  # ids in the queue (a set: memory, see Partition)
-        self._recent: OrderedDict[str, tuple[int, int]] = OrderedDict()  # acknowledged ids
+        # Acknowledged ids -> position, for idempotent retries: the newest generation, and the
+        # one before it (the last dedupe_window to 2 x dedupe_window acknowledged ids).
+        self._recent: dict[str, int] = {}
+        self._recent_old: dict[str, int] = {}
         self._round_robin = 0
         self.outbox: list[tuple[str, list[bytes]]] = []
         self.started_at = clock()
@@ -134,7 +138,7 @@ class Broker(Node):
                now: float) -> None:
         for _ in range(DRAIN_PER_POLL):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             handle(frames, now)
@@ -145,7 +149,7 @@ class Broker(Node):
             for side, frames in outbox:
                 sock = frontend if side == FRONT else backend
                 try:
-                    sock.send_multipart(frames)
+                    send_frames(sock, frames)
                 except zmq.ZMQError as exc:
                     if side == FRONT:
                         self.log.warning("reply to a producer that is gone dropped: %s", exc)
@@ -242,73 +246,152 @@ class Broker(Node):
         return True
 
     def _put(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
+        """Store every part of a PUT; answer with one ACK body per part, in order."""
         producer = self._registered_producer(identity, now)
         if self.stopping_until is not None:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the broker is shutting down")
         waiting = self._not_ready()
         if waiting is not None:
             raise ProtocolError(ErrorCode.NOT_READY, waiting)
-        metas = proto.require(message.header, "records", list)
-        if not all(isinstance(m, list) and len(m) == 4 for m in metas):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                "each record header must be [id, key, created_at, size]")
-        payloads = proto.split_payloads([m[3] for m in metas], message.payloads)
-        acks: list[list[Any]] = []
-        errors: list[list[Any]] = []
-        for index, (meta, payload) in enumerate(zip(metas, payloads, strict=True)):
+        parts = proto.put_parts(message)
+        bodies: list[bytes] = []
+        for header, blob in parts:
             try:
-                acks.append([index, *self._append(meta, payload, producer.name)])
-            except ProtocolError as exc:
-                code = ErrorCode(exc.code)
-                errors.append([index, code.value, exc.reason, code in proto.RETRYABLE])
-        producer.records += len(acks)
-        self.counters["put"] += len(acks)
+                body = self._put_part(proto.parse_header(header), blob, producer)
+            except ProtocolError as exc:  # this part as a whole: the others still count
+                if len(parts) == 1:
+                    raise
+                body = {"code": exc.code, "reason": exc.reason, "retryable": False}
+            bodies.append(proto.dump(body))
+        return proto.encode_parts(Command.ACK, bodies)
+
+    def _put_part(self, header: dict[str, Any], blob: bytes,
+                  producer: ProducerState) -> dict[str, Any]:
+        """Store one part's records: ``{"acks": runs, "dups": [...], "errors": [...]}``.
+
+        Each record is checked on its own; the accepted ones are stored in runs (a keyless
+        run goes to one partition, the next run to the next: Kafka's sticky partitioner,
+        which keeps batches whole on every later hop), and acknowledged as runs
+        ``[index, count, partition, first offset]``.
+        """
+        metas = proto.require(header, "records", list)
+        if not all(type(m) is list and len(m) == 4 for m in metas):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                "each record header must be [id, key, created_us, size]")
+        sizes = [m[3] for m in metas]
+        payloads = proto.split_payloads(sizes, [blob])
+        not_json = proto.invalid_objects(blob, sizes) if metas else set()
+        errors: list[list[Any]] = []
+        dups: list[list[Any]] = []
+        accepted: list[int] = []
+        held, recent, older = self._held, self._recent, self._recent_old
+        max_bytes = self.config.max_payload_bytes
+        for index, (record_id, key, created_us, size) in enumerate(metas):
+            if type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS:
+                errors.append([index, ErrorCode.INVALID_RECORD.value,
+                               f"id must be a string of 1 to {MAX_ID_CHARS} characters", False])
+            elif key is not None and (type(key) is not str or len(key) > MAX_KEY_CHARS):
+                errors.append([index, ErrorCode.INVALID_RECORD.value,
+                               f"key must be null or a string of at most {MAX_KEY_CHARS} chars",
+                               False])
+            elif type(created_us) is not int:
+                errors.append([index, ErrorCode.INVALID_RECORD.value,
+                               "created_us must be an integer (microseconds of Unix time)",
+                               False])
+            elif ((record_id in held or record_id in recent or record_id in older)
+                  and (known := self._locate(record_id, key)) is not None):
+                dups.append([index, *known])  # an idempotent retry: the original position
+            elif size > max_bytes:
+                errors.append([index, ErrorCode.TOO_LARGE.value,
+                               f"payload of {size} bytes exceeds {max_bytes}", False])
+            elif index in not_json:
+                errors.append([index, ErrorCode.INVALID_RECORD.value,
+                               "payload must be a JSON object", False])
+            else:
+                accepted.append(index)
+        repeats: list[int] = []
+        if len({metas[i][0] for i in accepted}) != len(accepted):  # an id twice in one batch
+            first_of: set[str] = set()
+            unique: list[int] = []
+            for i in accepted:
+                (repeats if metas[i][0] in first_of else unique).append(i)
+                first_of.add(metas[i][0])
+            accepted = unique
+        acks = self._place(accepted, metas, payloads, producer.name, errors)
+        for index in repeats:
+            known = self._locate(metas[index][0], metas[index][1])
+            if known is not None:
+                dups.append([index, *known])
+            else:  # its first copy was refused: so is this one
+                errors.append([index, ErrorCode.PARTITION_FULL.value,
+                               "the first copy of this id in the batch was refused", True])
+        stored = sum(run[1] for run in acks)
+        self.counters["duplicates"] += len(dups)
+        producer.records += stored
+        self.counters["put"] += stored
         if errors:
+            errors.sort()
             self.counters["refused"] += len(errors)
             codes = Counter(e[1] for e in errors)
             self.log.info("refused records producer=%s count=%d codes=%s first=%s",
                           producer.name, len(errors), dict(codes), errors[0][2])
-        return proto.encode(Command.ACK, {"acks": acks, "errors": errors})
+        return {"acks": acks, "dups": dups, "errors": errors}
 
-    def _append(self, meta: Any, payload: bytes, producer: str) -> tuple[int, int, bool]:
-        """Store one record; (partition, offset, duplicate) or ProtocolError for this record."""
-        record_id, key, created_at, _ = meta
-        if not isinstance(record_id, str) or not 0 < len(record_id) <= MAX_ID_CHARS:
-            raise ProtocolError(ErrorCode.INVALID_RECORD,
-                                f"id must be a string of 1 to {MAX_ID_CHARS} characters")
-        if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_CHARS):
-            raise ProtocolError(ErrorCode.INVALID_RECORD,
-                                f"key must be null or a string of at most {MAX_KEY_CHARS} chars")
-        if not isinstance(created_at, int | float) or isinstance(created_at, bool):
-            raise ProtocolError(ErrorCode.INVALID_RECORD, "created_at must be a number (Unix time)")
-        if record_id in self._held or record_id in self._recent:
-            known = self._locate(record_id, key)
-            if known is not None:  # an idempotent retry: answer with the original position
-                self.counters["duplicates"] += 1
-                return known[0], known[1], True
-        if len(payload) > self.config.max_payload_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds "
-                                f"{self.config.max_payload_bytes}")
-        if not proto.is_json_object(payload):
-            raise ProtocolError(ErrorCode.INVALID_RECORD, "payload must be a JSON object")
+    def _place(self, accepted: list[int], metas: list[list[Any]], payloads: list[bytes],
+               producer: str, errors: list[list[Any]]) -> list[list[int]]:
+        """Append accepted records to their partitions; ACK runs, PARTITION_FULL for the rest."""
         partitions = self.partitions
-        if key is not None:
-            number = zlib.crc32(key.encode()) % len(partitions)
-            offset = partitions[number].append(record_id, key, producer, created_at, payload)
-            if offset is None:
-                raise ProtocolError(ErrorCode.PARTITION_FULL, f"partition {number} is full "
-                                    f"({self.config.capacity} records); retry later")
-        else:  # keyless records may go to any partition: skip full ones before refusing
-            start = number = self._round_robin
-            self._round_robin = (start + 1) % len(partitions)
-            while (offset := partitions[number].append(record_id, key, producer, created_at,
-                                                       payload)) is None:
-                number = (number + 1) % len(partitions)
-                if number == start:
-                    raise ProtocolError(ErrorCode.PARTITION_FULL, "every partition is full "
-                                        f"({self.config.capacity} records each); retry later")
-        self._held.add(record_id)
-        return number, offset, False
+        count = len(partitions)
+        keyed: dict[int, list[int]] = {}
+        keyless: list[int] = []
+        for i in accepted:
+            key = metas[i][1]
+            if key is None:
+                keyless.append(i)
+            else:
+                keyed.setdefault(zlib.crc32(key.encode()) % count, []).append(i)
+        runs: list[list[int]] = []
+        for number, indices in keyed.items():
+            left = self._store_run(partitions[number], indices, metas, payloads, producer, runs)
+            for i in left:
+                errors.append([i, ErrorCode.PARTITION_FULL.value, f"partition {number} is full "
+                               f"({self.config.capacity} records); retry later", True])
+        if keyless:
+            start = self._round_robin
+            self._round_robin = (start + 1) % count
+            for step in range(count):
+                keyless = self._store_run(partitions[(start + step) % count], keyless, metas,
+                                          payloads, producer, runs)
+                if not keyless:
+                    break
+            for i in keyless:
+                errors.append([i, ErrorCode.PARTITION_FULL.value, "every partition is full "
+                               f"({self.config.capacity} records each); retry later", True])
+        runs.sort()
+        return runs
+
+    def _store_run(self, partition: Partition, indices: list[int], metas: list[list[Any]],
+                   payloads: list[bytes], producer: str, runs: list[list[int]]) -> list[int]:
+        """Append what fits of ``indices`` to one partition; return the indices left over."""
+        if partition.room <= 0:
+            return indices
+        ids = [metas[i][0] for i in indices]
+        first, stored = partition.extend(ids, [metas[i][1] for i in indices], producer,
+                                         [metas[i][2] for i in indices],
+                                         [payloads[i] for i in indices])
+        self._held.update(ids[:stored])
+        number = partition.number
+        if stored and indices[stored - 1] - indices[0] == stored - 1:  # consecutive: one run
+            runs.append([indices[0], stored, number, first])
+        else:
+            for k in range(stored):
+                i = indices[k]
+                if runs and runs[-1][2] == number and runs[-1][0] + runs[-1][1] == i \
+                        and runs[-1][3] + runs[-1][1] == first + k:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([i, 1, number, first + k])
+        return indices[stored:]
 
     def _locate(self, record_id: str, key: str | None) -> tuple[int, int] | None:
         """Where a known id sits: held (found by a scan, only on retries) or recently acked."""
@@ -319,7 +402,11 @@ class Broker(Node):
                 offset = self.partitions[number].find(record_id)
                 if offset is not None:
                     return number, offset
-        return self._recent.get(record_id)
+        position = self._recent.get(record_id, self._recent_old.get(record_id))
+        if position is None:
+            return None
+        number, offset = divmod(position, _POSITION)
+        return number, offset
 
     def _stats(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
         return proto.encode(Command.STATS, self.snapshot(now))
@@ -395,25 +482,34 @@ class Broker(Node):
     def _ack_partition(self, state: ConsumerState, entry: dict[str, Any]) -> None:
         number = proto.require(entry, "partition", int)
         epoch = proto.require(entry, "epoch", int)
-        offsets = proto.require(entry, "offsets", list)
+        runs = proto.require(entry, "offsets", list)
         if not 0 <= number < len(self.partitions):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
+        if not all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
+                   and r[1] > 0 for r in runs):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                "offsets must be runs [first offset, count > 0]")
+        offsets = (list(range(runs[0][0], runs[0][0] + runs[0][1])) if len(runs) == 1 else
+                   [o for first, count in runs for o in range(first, first + count)])
         dead = entry.get("dead") or []
         if dead and (not isinstance(dead, list) or not set(dead) <= set(offsets)):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must list some of the offsets")
-        removed = self.partitions[number].ack(state.name, epoch, offsets)
+        first, removed = self.partitions[number].ack(state.name, epoch, offsets)
         state.acked += len(offsets)
         self.counters["acked"] += len(offsets)
         self.counters["dead"] += len(dead)
-        recent, window = self._recent, self.config.dedupe_window
-        self._held.difference_update(record_id for _, record_id in removed)
-        if window:
-            # A dead letter was not stored: replaying it with its id must not look like a retry.
-            dead_offsets = set(dead)
-            recent.update((record_id, (number, offset)) for offset, record_id in removed
-                          if offset not in dead_offsets)
-        while len(recent) > window:
-            recent.popitem(last=False)
+        self._held.difference_update(removed)
+        window = self.config.dedupe_window
+        if window and removed:
+            base = number * _POSITION + first
+            positions = zip(removed, range(base, base + len(removed)), strict=True)
+            if dead:  # a dead letter was not stored: replaying its id must not look like a retry
+                buried = {number * _POSITION + o for o in dead}
+                self._recent.update((i, p) for i, p in positions if p not in buried)
+            else:
+                self._recent.update(positions)
+            if len(self._recent) >= window:  # two generations: a bounded dict with no per-id
+                self._recent_old, self._recent = self._recent, {}  # eviction work
 
     def _remove_consumer(self, name: str, why: str, now: float, *, rebalance: bool = True) -> None:
         state = self.consumers.pop(name, None)
@@ -469,29 +565,30 @@ class Broker(Node):
             order = ready[start:] + ready[:start]
             while available > 0:
                 budget = min(available, max_batch)
-                batches: list[tuple[Partition, list[Entry]]] = []
+                batches: list[tuple[Partition, Taken]] = []
                 for partition in order:
                     taken = partition.take(budget)
-                    if taken:
+                    if taken.ids:
                         batches.append((partition, taken))
-                        budget -= len(taken)
+                        budget -= len(taken.ids)
                         if budget <= 0:
                             break
                 if not batches:
                     break
-                available -= sum(len(taken) for _, taken in batches)
+                available -= sum(len(taken.ids) for _, taken in batches)
                 self._send_records(state, batches)
 
-    def _send_records(self, state: ConsumerState,
-                      batches: list[tuple[Partition, list[Entry]]]) -> None:
+    def _send_records(self, state: ConsumerState, batches: list[tuple[Partition, Taken]]) -> None:
         header_batches = []
         payloads: list[bytes] = []
         for partition, taken in batches:
-            # offset, id, key, producer, created_at, attempt, size
-            metas = [(*e[:PAYLOAD], len(e[PAYLOAD])) for e in taken]
-            header_batches.append({"partition": partition.number, "epoch": partition.epoch,
-                                   "records": metas})
-            payloads.extend(e[PAYLOAD] for e in taken)
+            header_batches.append({
+                "partition": partition.number, "epoch": partition.epoch,
+                "offsets": taken.offsets, "ids": taken.ids, "keys": taken.keys,
+                "producers": taken.producers, "created_us": taken.created_us,
+                "attempts": taken.attempts, "sizes": list(map(len, taken.payloads)),
+            })
+            payloads.extend(taken.payloads)
         state.delivered += len(payloads)
         self.counters["delivered"] += len(payloads)
         self._send(BACK, state.name.encode(), proto.encode(

@@ -39,7 +39,7 @@ class BrokerConfig:
     expect_consumers: int = 0
     max_batch: int = 1000  # records per RECORDS message (over all of a consumer's partitions)
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
-    dedupe_window: int = 100_000  # acknowledged ids remembered for idempotent retries
+    dedupe_window: int = 100_000  # acknowledged ids remembered for retries (up to twice this)
     drain_timeout_s: float = 10.0  # on stop: keep delivering until stored, at most this long
     tick_ms: int = 100
 

@@ -21,11 +21,25 @@ import zmq
 from zmqlab import protocol as proto
 from zmqlab.config import ConsumerConfig
 from zmqlab.errors import ProtocolError, ZmqlabError
-from zmqlab.node import Node, bind, new_socket, serve_requests
+from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames, serve_requests
 from zmqlab.protocol import Command, ErrorCode
 from zmqlab.store import Batch, Delivery, Sink, check_url, load_transform
 
 MAX_RECORDS_PER_TRANSACTION = 5000
+RECORD_COLUMNS = ("ids", "keys", "producers", "created_us", "attempts", "sizes")
+
+
+def _runs(offsets: list[int]) -> list[list[int]]:
+    """Offsets as runs ``[first, count]`` (a batch is one run unless it came with holes)."""
+    if offsets and offsets[-1] - offsets[0] == len(offsets) - 1:
+        return [[offsets[0], len(offsets)]]
+    runs: list[list[int]] = []
+    for offset in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1][1] += 1
+        else:
+            runs.append([offset, 1])
+    return runs
 
 
 @dataclass(slots=True)
@@ -116,8 +130,7 @@ class Consumer(Node):
     def _send(self, command: Command, header: dict[str, Any] | None = None) -> None:
         assert self._dealer is not None
         try:
-            self._dealer.send_multipart([proto.EMPTY, *proto.encode(command, header)],
-                                        zmq.NOBLOCK)
+            send_frames(self._dealer, [proto.EMPTY, *proto.encode(command, header)], NOBLOCK)
         except zmq.Again:  # no connection yet: heartbeats and re-registration recover
             self.log.debug("send %s dropped: broker not connected", command.name)
 
@@ -157,7 +170,7 @@ class Consumer(Node):
         assert self._dealer is not None
         for _ in range(256):
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self._dealer, NOBLOCK)
             except zmq.Again:
                 return
             self._last_heard = self.clock()
@@ -192,19 +205,26 @@ class Consumer(Node):
 
     def _accept(self, message: proto.Message) -> None:
         entries = proto.require(message.header, "batches", list)
-        parts: list[tuple[int, int, list[Any]]] = []
+        parts: list[tuple[int, int, list[int], dict[str, Any]]] = []
         sizes: list[Any] = []
         for entry in entries:
             if not isinstance(entry, dict):
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "each RECORDS batch must be an object")
-            metas = proto.require(entry, "records", list)
+            offsets = [o for first, count in proto.require(entry, "offsets", list)
+                       for o in range(first, first + count)]
+            columns = {name: proto.require(entry, name, list) for name in RECORD_COLUMNS}
+            if any(len(column) != len(offsets) for column in columns.values()):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "RECORDS columns differ in length")
             parts.append((proto.require(entry, "partition", int),
-                          proto.require(entry, "epoch", int), metas))
-            sizes.extend(m[6] for m in metas)
+                          proto.require(entry, "epoch", int), offsets, columns))
+            sizes.extend(columns["sizes"])
         payloads = iter(proto.split_payloads(sizes, message.payloads))
-        for number, epoch, metas in parts:
-            deliveries = [Delivery(number, m[0], m[1], m[2], m[3], m[4], m[5], next(payloads))
-                          for m in metas]
+        for number, epoch, offsets, c in parts:
+            deliveries = [Delivery(number, offset, record_id, key, producer, created_us / 1e6,
+                                   attempt, next(payloads))
+                          for offset, record_id, key, producer, created_us, attempt in zip(
+                              offsets, c["ids"], c["keys"], c["producers"], c["created_us"],
+                              c["attempts"], strict=True)]
             self.stats["received"] += len(deliveries)
             self.outstanding += 1
             self.outstanding_records += len(deliveries)
@@ -239,11 +259,11 @@ class Consumer(Node):
             if batch.session != self.session:
                 continue  # released when we re-registered: the broker redelivers them
             ack: dict[str, Any] = {"partition": batch.partition, "epoch": batch.epoch,
-                                   "offsets": [d.offset for d in batch.deliveries]}
+                                   "offsets": _runs([d.offset for d in batch.deliveries])}
             if result.dead:
                 ack["dead"] = result.dead
             acks.append(ack)
-            self.stats["acked"] += len(ack["offsets"])
+            self.stats["acked"] += len(batch.deliveries)
         if acks:
             self._send(Command.ACK, {"acks": acks})
 

@@ -21,21 +21,30 @@ from __future__ import annotations
 
 import threading
 from array import array
-from typing import Any, Final
+from typing import Any, NamedTuple
 
 from zmqlab.errors import ProtocolError
 from zmqlab.protocol import ErrorCode
 
 MAX_ATTEMPT = 65_535  # attempts are kept in an unsigned 16-bit array
+_FIRST_ATTEMPT = array("H", [1])
 
 
-# A held record as handed out (built on delivery, not what the ring stores):
-# (offset, id, key, producer, created_at, attempt, payload). A plain tuple: a NamedTuple's
-# constructor cost a tenth of the broker's time on the delivery path.
-Entry = tuple[int, str, str | None, str, float, int, bytes]
-ID: Final = 1
-ATTEMPT: Final = 5
-PAYLOAD: Final = 6
+class Taken(NamedTuple):
+    """Records handed out by ``take``, column by column (how RECORDS carries them).
+
+    ``offsets`` are runs ``[first, count]``: one run unless out-of-order ACKs left holes.
+    Columns rather than a tuple per record: the broker slices its ring straight into them and
+    JSON-encodes lists of plain values, with no per-record Python on the delivery path.
+    """
+
+    offsets: list[list[int]]
+    ids: list[str]
+    keys: list[str | None]
+    producers: list[str]
+    created_us: list[int]
+    attempts: list[int]
+    payloads: list[bytes]
 
 
 class Partition:
@@ -43,7 +52,9 @@ class Partition:
 
     The ring keeps each field in its own preallocated list or array instead of an object per
     record: a held 200-byte record then costs its payload, its id and a few slots (~2x the
-    payload bytes) instead of ~3x with an object, a float and a tuple per record.
+    payload bytes) instead of ~3x with an object, a float and a tuple per record. Records come
+    and go in runs (a PUT batch, a RECORDS batch, an ACK), so each column is read and written
+    by slice assignment: C loops instead of Python ones.
     """
 
     def __init__(self, number: int, capacity: int) -> None:
@@ -56,7 +67,7 @@ class Partition:
         self._keys: list[str | None] = [None] * capacity
         self._producers: list[str | None] = [None] * capacity
         self._payloads: list[bytes | None] = [None] * capacity
-        self._created = array("d", bytes(8 * capacity))
+        self._created = array("q", bytes(8 * capacity))  # microseconds since the epoch
         self._attempts = array("H", bytes(2 * capacity))
         self.head = 0
         self.cursor = 0
@@ -86,39 +97,83 @@ class Partition:
     def draining(self) -> bool:
         return self.target != self.owner
 
-    # -- records ---------------------------------------------------------------------------
-    def append(self, record_id: str, key: str | None, producer: str, created_at: float,
-               payload: bytes) -> int | None:
-        """Store a record and return its offset, or None when the ring is full."""
-        with self.lock:
-            if self.tail - self.head >= self.capacity:
-                return None
-            offset = self.tail
-            slot = offset % self.capacity
-            self._ids[slot] = record_id
-            self._keys[slot] = key
-            self._producers[slot] = producer
-            self._payloads[slot] = payload
-            self._created[slot] = created_at
-            self._attempts[slot] = 1
-            self.tail = offset + 1
-            self.appended_total += 1
-            return offset
+    @property
+    def room(self) -> int:
+        return self.capacity - (self.tail - self.head)
 
-    def take(self, limit: int) -> list[Entry]:
+    # -- records ---------------------------------------------------------------------------
+    def append(self, record_id: str, key: str | None, producer: str, created_us: int,
+               payload: bytes) -> int | None:
+        """Store one record and return its offset, or None when the ring is full."""
+        first, count = self.extend([record_id], [key], producer, [created_us], [payload])
+        return first if count else None
+
+    def extend(self, ids: list[str], keys: list[str | None], producer: str,
+               created_us: list[int], payloads: list[bytes]) -> tuple[int, int]:
+        """Store as many of these records as there is room for, in order.
+
+        Returns (offset of the first, how many were stored); the rest did not fit.
+        """
+        with self.lock:
+            count = min(len(ids), self.capacity - (self.tail - self.head))
+            first = self.tail
+            if count <= 0:
+                return first, 0
+            for start, stop, lo, hi in self._spans(first, count):
+                self._ids[start:stop] = ids[lo:hi]
+                self._keys[start:stop] = keys[lo:hi]
+                self._producers[start:stop] = [producer] * (hi - lo)
+                self._payloads[start:stop] = payloads[lo:hi]
+                self._created[start:stop] = array("q", created_us[lo:hi])
+                self._attempts[start:stop] = _FIRST_ATTEMPT * (hi - lo)
+            self.tail = first + count
+            self.appended_total += count
+            return first, count
+
+    def _spans(self, first: int, count: int) -> list[tuple[int, int, int, int]]:
+        """The ring slots [start, stop) of offsets first..first+count, as at most two spans,
+        each with the matching [lo, hi) of a run of that length."""
+        slot = first % self.capacity
+        head_part = min(count, self.capacity - slot)
+        spans = [(slot, slot + head_part, 0, head_part)]
+        if head_part < count:
+            spans.append((0, count - head_part, head_part, count))
+        return spans
+
+    def take(self, limit: int) -> Taken:
         """Hand out up to ``limit`` pending records (they become in flight, and stay here)."""
         with self.lock:
             end = min(self.tail, self.cursor + limit)
-            out = self._entries(self.cursor, end)
+            out = self._columns(self.cursor, end)
             self.cursor = end
             return out
 
-    def _entries(self, start: int, end: int) -> list[Entry]:
-        acked, cap = self._acked, self.capacity
-        ids, keys, producers = self._ids, self._keys, self._producers
-        created, attempts, payloads = self._created, self._attempts, self._payloads
-        return [(o, ids[s], keys[s], producers[s], created[s], attempts[s], payloads[s])  # type: ignore[misc]
-                for o, s in ((o, o % cap) for o in range(start, end)) if o not in acked]
+    def _columns(self, start: int, end: int) -> Taken:
+        taken = Taken([], [], [], [], [], [], [])
+        if end <= start:
+            return taken
+        if self._acked and any(o in self._acked for o in range(start, end)):
+            # Holes (acknowledged out of order before a release): runs around them.
+            run_start = None
+            for offset in range(start, end + 1):
+                if offset < end and offset not in self._acked:
+                    run_start = offset if run_start is None else run_start
+                elif run_start is not None:
+                    self._columns_into(taken, run_start, offset)
+                    run_start = None
+            return taken
+        self._columns_into(taken, start, end)
+        return taken
+
+    def _columns_into(self, taken: Taken, start: int, end: int) -> None:
+        taken.offsets.append([start, end - start])
+        for lo, hi, _, _ in self._spans(start, end - start):
+            taken.ids.extend(self._ids[lo:hi])  # type: ignore[arg-type]
+            taken.keys.extend(self._keys[lo:hi])
+            taken.producers.extend(self._producers[lo:hi])  # type: ignore[arg-type]
+            taken.created_us.extend(self._created[lo:hi])
+            taken.attempts.extend(self._attempts[lo:hi])
+            taken.payloads.extend(self._payloads[lo:hi])  # type: ignore[arg-type]
 
     def find(self, record_id: str) -> int | None:
         """The offset of a held record by id (a scan: only retried duplicates need it)."""
@@ -129,11 +184,13 @@ class Partition:
                 return None
             return self.head + (slot - self.head) % self.capacity
 
-    def ack(self, owner: str, epoch: int, offsets: list[int]) -> list[tuple[int, str]]:
+    def ack(self, owner: str, epoch: int, offsets: list[int]) -> tuple[int, list[str]]:
         """Remove acknowledged records; refuse (changing nothing) stale, foreign or unknown ones.
 
-        Returns the (offset, id) of the records that left the ring. If the partition was
-        draining towards a new owner and nothing is in flight any more, the lease moves now.
+        Returns (offset of the first, ids) of the records that left the ring: always a run
+        from the old head, since out-of-order ACKs wait above the head until it is acknowledged.
+        If the partition was draining towards a new owner and nothing is in flight any more,
+        the lease moves now.
         """
         with self.lock:
             if owner != self.owner:
@@ -166,20 +223,19 @@ class Partition:
                 while head + count in self._acked:
                     self._acked.discard(head + count)
                     count += 1
-            removed = []
-            ids, keys, producers, payloads, cap = (self._ids, self._keys, self._producers,
-                                                   self._payloads, self.capacity)
-            for offset in range(head, head + count):
-                slot = offset % cap
-                record_id = ids[slot]
-                assert record_id is not None
-                removed.append((offset, record_id))
-                ids[slot] = keys[slot] = producers[slot] = payloads[slot] = None
+            removed: list[str] = []
+            for start, stop, _, _ in self._spans(head, count) if count else ():
+                removed.extend(self._ids[start:stop])  # type: ignore[arg-type]
+                nothing = [None] * (stop - start)
+                self._ids[start:stop] = nothing
+                self._keys[start:stop] = nothing
+                self._producers[start:stop] = nothing
+                self._payloads[start:stop] = nothing
             self.head = head + count
             self.acked_total += len(offsets)
             if self.draining and self.cursor == self.head:
                 self._transfer()
-            return removed
+            return head, removed
 
     # -- ownership -------------------------------------------------------------------------
     def want_owner(self, target: str | None) -> bool:

@@ -8,9 +8,10 @@ the first try, so a retry after a lost reply is recognised by the broker as a du
 of being queued twice.
 
 The producer service binds an ingress ROUTER for clients and forwards through one REQ socket:
-everything that arrives while a batch is at the broker goes out as the next batch, so REQ's
-lockstep becomes group commit, and each client is answered once the broker acknowledged its
-records.
+everything that arrives while a request is at the broker goes out as the next request, one
+part per client PUT, so REQ's lockstep becomes group commit; each client gets the broker's
+answer to its own part once the broker acknowledged it. Parts and answers are forwarded as the
+frames they came in: the service never re-encodes a record.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import zmq
 from zmqlab import protocol as proto
 from zmqlab.config import ProducerConfig
 from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ProtocolError
-from zmqlab.node import Node, bind, new_socket, serve_requests
+from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames, serve_requests
 from zmqlab.protocol import Command, ErrorCode
 
 
@@ -90,7 +91,8 @@ def make_record(payload: Mapping[str, Any] | bytes | str, *, key: str | None = N
 
 
 def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
-    metas = [[r.id, r.key, r.created_at, len(r.payload)] for r in records]
+    """A one-part PUT: ``{"records": [[id, key, created_us, size], ...]}`` and the payloads."""
+    metas = [[r.id, r.key, round(r.created_at * 1_000_000), len(r.payload)] for r in records]
     return proto.encode(Command.PUT, {"records": metas},
                         proto.join_payloads([r.payload for r in records]))
 
@@ -140,9 +142,9 @@ class Producer:
             self._registered = False
         sock = self._sock
         if sock.poll(self.timeout_ms, zmq.POLLOUT):  # no connection at all counts as silence
-            sock.send_multipart(frames)
+            send_frames(sock, frames)
             if self._poller.poll(self.timeout_ms):
-                return proto.decode(sock.recv_multipart())
+                return proto.decode(recv_frames(sock))
         self.close()  # a REQ that lost its reply is stuck: a new socket is the only way out
         self.stats["reconnects"] += 1
         return None
@@ -191,16 +193,21 @@ class Producer:
         while todo:
             reply = self.request(encode_put([records[i] for i in todo]))
             retry: list[int] = []
-            if reply.command is Command.ERR:
+            if reply.command is Command.ERR or "code" in reply.header:
                 code, reason, retryable = proto.error_of(reply)
                 outcome = [(i, code, reason, retryable) for i in todo]
             elif reply.command is Command.ACK:
-                for index, partition, offset, duplicate in reply.header.get("acks", []):
+                header = reply.header
+                for index, count, partition, first in header.get("acks", []):
+                    for k in range(count):
+                        i = todo[index + k]
+                        acks[i] = Ack(records[i].id, partition, first + k)
+                for index, partition, offset in header.get("dups", []):
                     i = todo[index]
-                    acks[i] = Ack(records[i].id, partition, offset, bool(duplicate))
-                    self.stats["duplicates"] += bool(duplicate)
+                    acks[i] = Ack(records[i].id, partition, offset, True)
+                self.stats["duplicates"] += len(header.get("dups", []))
                 outcome = [(todo[e[0]], e[1], e[2], bool(e[3]))
-                           for e in reply.header.get("errors", [])]
+                           for e in header.get("errors", [])]
             else:
                 raise BrokerRejected(ErrorCode.BAD_MESSAGE.value,
                                      f"unexpected reply {reply.command.name} to PUT")
@@ -232,9 +239,12 @@ class Producer:
 # -- the producer service ----------------------------------------------------------------------
 @dataclass
 class _ClientPut:
+    """A client's PUT part, kept as the frames it came in: forwarded, never re-encoded."""
+
     client: bytes
-    metas: list[Any]
-    payloads: tuple[bytes, ...]
+    count: int
+    header: bytes
+    blob: bytes
 
 
 @dataclass
@@ -302,7 +312,7 @@ class ProducerService(Node):
     def _upstream(self, frames: list[bytes], awaiting: str) -> None:
         assert self._req is not None
         try:
-            self._req.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._req, frames, NOBLOCK)
         except zmq.Again:  # no broker connection at all: the reply timeout reconnects us
             self.log.debug("broker not connected; %s not sent", awaiting)
         self.up.awaiting = awaiting
@@ -323,7 +333,7 @@ class ProducerService(Node):
             if ingress is not None and ingress in events:
                 serve_requests(ingress, self._client_message)
             if self._req is not None and self._req in events:
-                reply = self._req.recv_multipart()
+                reply = recv_frames(self._req)
                 self._handle_upstream(reply, ingress)
             self._tick(self.clock(), ingress)
 
@@ -332,21 +342,23 @@ class ProducerService(Node):
         command = message.command
         if command is Command.PUT:
             metas = proto.require(message.header, "records", list)
-            try:  # the broker checks each record; here only what combining batches needs
-                sizes_ok = sum(m[3] for m in metas) == sum(map(len, message.payloads))
+            try:  # the broker checks each record; here only what forwarding the part needs
+                sizes_ok = (len(message.payloads) == 1
+                            and sum(m[3] for m in metas) == len(message.payloads[0]))
             except (TypeError, IndexError, KeyError):
                 sizes_ok = False
-            if not sizes_ok or len(message.payloads) > 1:
+            if not sizes_ok:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "records must be [id, key, "
-                                    "created_at, size] with one payload frame of those sizes")
+                                    "created_us, size] with one payload frame of those sizes")
             if not metas:
-                return proto.encode(Command.ACK, {"acks": [], "errors": []})
+                return proto.encode(Command.ACK, {"acks": [], "dups": [], "errors": []})
             backlog = self.up.pending_records
             if backlog + len(metas) > self.config.max_pending:
                 raise ProtocolError(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
                                     f"holds {backlog} records for the broker; retry later")
             self.stats["received"] += len(metas)
-            self.up.pending.append(_ClientPut(client, metas, message.payloads))
+            self.up.pending.append(_ClientPut(client, len(metas), message.raw_header,
+                                              message.payloads[0]))
             self.up.pending_records += len(metas)
             return None  # answered when the broker acknowledges
         if command is Command.HELLO:
@@ -385,38 +397,32 @@ class ProducerService(Node):
 
     def _answer(self, batch: _InFlight, reply: proto.Message,
                 ingress: zmq.Socket[Any] | None, frames: list[bytes] | None = None) -> None:
-        """Split the broker's answer to a combined batch back into one answer per client."""
+        """Hand each client the broker's answer to its part, as the broker wrote it."""
+        bodies = frames[2:] if frames is not None and reply.command is Command.ACK else []
         replies: list[list[bytes]]
-        if reply.command is Command.ACK and len(batch.puts) == 1 and frames is not None:
-            # One client's batch: its indices are the broker's, pass the answer through.
-            self.stats["acked"] += len(reply.header.get("acks", []))
-            self.stats["refused"] += len(reply.header.get("errors", []))
-            replies = [frames]
-        elif reply.command is Command.ACK:
-            starts: list[int] = []
-            owner: list[int] = []
-            for n, put in enumerate(batch.puts):
-                starts.append(len(owner))
-                owner.extend([n] * len(put.metas))
-            acks: list[list[Any]] = [[] for _ in batch.puts]
-            errors: list[list[Any]] = [[] for _ in batch.puts]
-            for entry in reply.header.get("acks", []):
-                n = owner[entry[0]]
-                acks[n].append([entry[0] - starts[n], *entry[1:]])
-            for entry in reply.header.get("errors", []):
-                n = owner[entry[0]]
-                errors[n].append([entry[0] - starts[n], *entry[1:]])
-            self.stats["acked"] += sum(map(len, acks))
-            self.stats["refused"] += sum(map(len, errors))
-            replies = [proto.encode(Command.ACK, {"acks": a, "errors": e})
-                       for a, e in zip(acks, errors, strict=True)]
+        if reply.command is Command.ACK and len(bodies) == len(batch.puts):
+            replies = []
+            for body in bodies:
+                answer = proto.parse_header(body)  # small: runs, not a list per record
+                if "code" in answer:  # the broker refused this part as a whole
+                    self.stats["refused"] += 1
+                    replies.append(proto.encode_parts(Command.ERR, [body]))
+                    continue
+                self.stats["acked"] += (sum(run[1] for run in answer.get("acks", []))
+                                        + len(answer.get("dups", [])))
+                self.stats["refused"] += len(answer.get("errors", []))
+                replies.append(proto.encode_parts(Command.ACK, [body]))
         else:
-            error = proto.encode_err(*proto.error_of(reply)[:2]) if reply.command is Command.ERR \
-                else proto.encode_err(ErrorCode.INTERNAL, f"broker answered {reply.command.name}")
+            if reply.command is Command.ERR:
+                error = proto.encode_err(*proto.error_of(reply)[:2])
+            else:
+                error = proto.encode_err(ErrorCode.INTERNAL, f"broker answered "
+                                         f"{reply.command.name} with {len(bodies)} part(s) for "
+                                         f"{len(batch.puts)}")
             replies = [error] * len(batch.puts)
         if ingress is not None:
-            for put, frames in zip(batch.puts, replies, strict=True):
-                ingress.send_multipart([put.client, proto.EMPTY, *frames])
+            for put, answer_frames in zip(batch.puts, replies, strict=True):
+                send_frames(ingress, [put.client, proto.EMPTY, *answer_frames])
 
     def _tick(self, now: float, ingress: zmq.Socket[Any] | None) -> None:
         up = self.up
@@ -429,7 +435,7 @@ class ProducerService(Node):
             if up.batch is not None:
                 up.batch.tries += 1
                 if up.batch.tries > self.config.retries:
-                    self.stats["unavailable"] += sum(len(p.metas) for p in up.batch.puts)
+                    self.stats["unavailable"] += sum(p.count for p in up.batch.puts)
                     unavailable = proto.Message(Command.ERR, {
                         "code": ErrorCode.UNAVAILABLE.value,
                         "reason": f"broker {self.config.broker} did not answer "
@@ -454,14 +460,13 @@ class ProducerService(Node):
         taken: list[_ClientPut] = []
         count = 0
         limit = self.config.max_batch
-        while up.pending and (not taken or count + len(up.pending[0].metas) <= limit):
+        while up.pending and (not taken or count + up.pending[0].count <= limit):
             put = up.pending.popleft()
             taken.append(put)
-            count += len(put.metas)
+            count += put.count
         up.pending_records -= count
-        metas = [m for put in taken for m in put.metas]
-        blob = b"".join(p for put in taken for p in put.payloads)  # sizes stay in the metas
-        frames = proto.encode(Command.PUT, {"records": metas}, [blob])
+        frames = proto.encode_parts(Command.PUT, [f for put in taken for f in (put.header,
+                                                                               put.blob)])
         up.batch = _InFlight(taken, frames)
         self.stats["batches"] += 1
         self._upstream(frames, "put")
@@ -471,5 +476,5 @@ class ProducerService(Node):
         return {"name": self.config.name, "broker": self.config.broker,
                 "registered": self.up.registered,
                 "pending": self.up.pending_records,
-                "inflight": 0 if batch is None else sum(len(p.metas) for p in batch.puts),
+                "inflight": 0 if batch is None else sum(p.count for p in batch.puts),
                 **self.stats}

@@ -8,10 +8,16 @@ Every message, after the ROUTER's routing frames and the empty delimiter, is::
 the records' raw JSON bytes back to back, each record's size in its header entry. The broker
 slices and joins them without decoding them. One frame per batch rather than one per record,
 because on the hot path a ZeroMQ frame costs ~3 µs of Python per send (the broker's profile was
-dominated by it) while a slice costs ~0.1 µs. Consumers' DEALER sockets send the empty delimiter
-that a REQ socket would add, so one parser serves both sides of the broker. Compact arrays
-instead of objects in the per-record parts of headers keep the JSON small and cheap to parse;
-the README documents every field.
+dominated by it) while a slice costs ~0.1 µs.
+
+A PUT is one or more *parts* — (header, payload) frame pairs — and its ACK one header frame per
+part: a producer service forwards the parts of several clients in one request, and hands each
+client its part's answer, without decoding or re-encoding records. Acknowledgements are runs
+(``[index, count, partition, first offset]``) and RECORDS headers are columns, so the
+per-record share of every header is a few plain JSON values; times travel as integer
+microseconds (a float's repr cost twice an int's). Consumers' DEALER sockets send the empty
+delimiter that a REQ socket would add, so one parser serves both sides of the broker. The
+README documents every field.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 from zmqlab.errors import ProtocolError
 
-VERSION = b"ZQL1"
+VERSION = b"ZQL2"
 EMPTY = b""
 
 
@@ -74,6 +80,7 @@ class Message:
     command: Command
     header: dict[str, Any] = field(default_factory=dict)
     payloads: tuple[bytes, ...] = ()
+    raw_header: bytes = b""  # the header frame as received, for forwarding it untouched
 
 
 _DECODER = json.JSONDecoder()
@@ -99,11 +106,42 @@ def is_json_object(data: bytes) -> bool:
         return False
 
 
+def invalid_objects(blob: bytes, sizes: Sequence[int]) -> set[int]:
+    """Indices of the payloads in a batch's payload frame that are not one JSON object each.
+
+    An ASCII frame (the usual case) is decoded once and scanned record by record in place,
+    a third cheaper than cutting and decoding each payload; a record whose value runs past
+    its size, or leaves more than whitespace before it, is invalid.
+    """
+    bad: set[int] = set()
+    if not blob.isascii():
+        position = 0
+        for index, size in enumerate(sizes):
+            if not is_json_object(blob[position:position + size]):
+                bad.add(index)
+            position += size
+        return bad
+    text = blob.decode("ascii")
+    scan = _DECODER.raw_decode
+    position = 0
+    for index, size in enumerate(sizes):
+        stop = position + size
+        try:
+            if not text.startswith("{", position):
+                raise ValueError
+            end = scan(text, position)[1]
+            if end > stop or (end < stop and not text[end:stop].isspace()):
+                raise ValueError
+        except ValueError:
+            bad.add(index)
+        position = stop
+    return bad
+
+
 def encode(command: Command, header: dict[str, Any] | None = None,
            payloads: Sequence[bytes] = ()) -> list[bytes]:
     """Frames for a message; prepend routing frames (ROUTER) or nothing (REQ)."""
-    body = json.dumps(header or {}, separators=(",", ":")).encode()
-    return [VERSION, command.value, body, *payloads]
+    return [VERSION, command.value, dump(header or {}), *payloads]
 
 
 def encode_err(code: ErrorCode | str, reason: str, **extra: Any) -> list[bytes]:
@@ -127,18 +165,50 @@ def decode(frames: Sequence[bytes]) -> Message:
     except ValueError:
         raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
                             f"unknown command {command[:32]!r}") from None
+    raw = bytes(body)
+    return Message(cmd, parse_header(raw), tuple(bytes(f) for f in frames[3:]), raw)
+
+
+def encode_parts(command: Command, bodies: Sequence[bytes]) -> list[bytes]:
+    """A message whose header frames are already encoded (an ACK with one body per PUT part)."""
+    return [VERSION, command.value, *bodies]
+
+
+def dump(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def put_parts(message: Message) -> list[tuple[bytes | dict[str, Any], bytes]]:
+    """The (header, payload frame) parts of a PUT; every header after the first still raw.
+
+    The first part's header is the message header (``decode`` parsed it); the others are
+    parsed by whoever handles that part, so a bad one spoils only its own part.
+    """
+    rest = message.payloads
+    if len(rest) % 2 != 1:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a PUT is (header, payload) frame pairs: "
+                            f"got {len(rest) + 1} frames after the command")
+    parts: list[tuple[bytes | dict[str, Any], bytes]] = [(message.header, rest[0])]
+    parts.extend((rest[i], rest[i + 1]) for i in range(1, len(rest), 2))
+    return parts
+
+
+def parse_header(frame: bytes | dict[str, Any]) -> dict[str, Any]:
+    """A header frame as a JSON object, or ProtocolError."""
+    if isinstance(frame, dict):
+        return frame
     try:
-        header = parse_json(bytes(body)) if body else {}
+        header = parse_json(frame) if frame else {}
     except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header must be a JSON object")
-    return Message(cmd, header, tuple(bytes(f) for f in frames[3:]))
+    return header
 
 
 def join_payloads(payloads: Sequence[bytes]) -> list[bytes]:
     """The payload frame of a batch: the payloads back to back (their sizes go in the header)."""
-    return [b"".join(payloads)] if payloads else []
+    return [b"".join(payloads)]
 
 
 def split_payloads(sizes: Sequence[Any], frames: Sequence[bytes]) -> list[bytes]:
