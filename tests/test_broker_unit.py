@@ -327,3 +327,45 @@ def test_stats_are_answered_without_registration():
     snap = producer_says(broker, Command.STATS).header
     assert [p["partition"] for p in snap["partitions"]] == [0, 1]
     assert snap["ready"] is True
+
+
+def test_each_part_of_a_put_is_answered_on_its_own_and_a_bad_part_spoils_only_itself():
+    broker, _ = make(partitions=2)
+    hello(broker)
+    good = [proto.dump({"records": [["a", None, 1, 2], ["b", None, 1, 2]]}), b"{}{}"]
+    bad = [b"not json", b""]
+    other = [proto.dump({"records": [["c", "k", 1, 2]]}), b"{}"]
+    broker.outbox.clear()
+    broker.handle_frontend([b"req-1", b"", *proto.encode_parts(Command.PUT, good + bad + other)],
+                           broker.clock())
+    (_side, frames), = broker.outbox
+    assert frames[2:4] == [proto.VERSION, Command.ACK.value]
+    first, second, third = (proto.parse_header(f) for f in frames[4:])
+    assert first == {"acks": [[0, 2, 0, 0]], "dups": [], "errors": []}
+    assert (second["code"], second["retryable"]) == ("BAD_MESSAGE", False)
+    assert [a[1] for a in third["acks"]] == [1] and third["errors"] == []
+    assert sum(p.depth for p in broker.partitions) == 3
+
+
+def test_a_put_with_an_unpaired_frame_is_refused_whole():
+    broker, _ = make()
+    hello(broker)
+    reply = producer_says(broker, Command.PUT, {"records": []}, [b"", b"{}"])
+    assert proto.error_of(reply)[0] == "BAD_MESSAGE"
+
+
+def test_an_id_twice_in_one_batch_is_stored_once_and_answered_as_a_duplicate():
+    broker, _ = make(partitions=1)
+    hello(broker)
+    reply = put(broker, b'{"n":1}', b'{"n":2}', b'{"n":1}', ids=["x", "y", "x"])
+    assert placed(reply) == [[0, 0, 0, False], [1, 0, 1, False], [2, 0, 0, True]]
+    assert broker.partitions[0].depth == 2
+
+
+def test_a_keyless_batch_overflows_into_the_next_partition_before_anything_is_refused():
+    broker, _ = make(partitions=3, capacity=2)
+    hello(broker)
+    reply = put(broker, *[b"{}"] * 7)
+    assert reply.header["acks"] == [[0, 2, 0, 0], [2, 2, 1, 0], [4, 2, 2, 0]]
+    assert [e[:2] for e in reply.header["errors"]] == [[6, "PARTITION_FULL"]]
+    assert [p.depth for p in broker.partitions] == [2, 2, 2]

@@ -89,3 +89,12 @@ def test_an_unreachable_database_is_reported_as_unavailable():
 def test_unsupported_database_urls_are_clear_errors(url):
     with pytest.raises(ConfigError):
         make_engine(url)
+
+
+@pytest.mark.parametrize("timestamp", [0.0, 1_700_000_000.0, 1_700_000_000.9999996,
+                                       1_764_441_888.123456, 1_764_441_888.5000005, 86_399.25])
+def test_sqlite_datetime_text_is_what_strftime_gives(timestamp):
+    from zmqlab.store import _sqlite_datetime
+
+    expected = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    assert _sqlite_datetime(timestamp) == expected
