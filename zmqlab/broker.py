@@ -485,12 +485,7 @@ class Broker(Node):
         runs = proto.require(entry, "offsets", list)
         if not 0 <= number < len(self.partitions):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
-        if not all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
-                   and r[1] > 0 for r in runs):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                "offsets must be runs [first offset, count > 0]")
-        offsets = (list(range(runs[0][0], runs[0][0] + runs[0][1])) if len(runs) == 1 else
-                   [o for first, count in runs for o in range(first, first + count)])
+        offsets = proto.from_runs(runs)
         dead = entry.get("dead") or []
         if dead and (not isinstance(dead, list) or not set(dead) <= set(offsets)):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must list some of the offsets")

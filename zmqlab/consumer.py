@@ -29,19 +29,6 @@ MAX_RECORDS_PER_TRANSACTION = 5000
 RECORD_COLUMNS = ("ids", "keys", "producers", "created_us", "attempts", "sizes")
 
 
-def _runs(offsets: list[int]) -> list[list[int]]:
-    """Offsets as runs ``[first, count]`` (a batch is one run unless it came with holes)."""
-    if offsets and offsets[-1] - offsets[0] == len(offsets) - 1:
-        return [[offsets[0], len(offsets)]]
-    runs: list[list[int]] = []
-    for offset in offsets:
-        if runs and runs[-1][0] + runs[-1][1] == offset:
-            runs[-1][1] += 1
-        else:
-            runs.append([offset, 1])
-    return runs
-
-
 @dataclass(slots=True)
 class Result:
     """A batch the worker finished: every record stored, already there, or dead-lettered."""
@@ -210,8 +197,7 @@ class Consumer(Node):
         for entry in entries:
             if not isinstance(entry, dict):
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "each RECORDS batch must be an object")
-            offsets = [o for first, count in proto.require(entry, "offsets", list)
-                       for o in range(first, first + count)]
+            offsets = proto.from_runs(proto.require(entry, "offsets", list))
             columns = {name: proto.require(entry, name, list) for name in RECORD_COLUMNS}
             if any(len(column) != len(offsets) for column in columns.values()):
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "RECORDS columns differ in length")
@@ -259,7 +245,7 @@ class Consumer(Node):
             if batch.session != self.session:
                 continue  # released when we re-registered: the broker redelivers them
             ack: dict[str, Any] = {"partition": batch.partition, "epoch": batch.epoch,
-                                   "offsets": _runs([d.offset for d in batch.deliveries])}
+                                   "offsets": proto.to_runs([d.offset for d in batch.deliveries])}
             if result.dead:
                 ack["dead"] = result.dead
             acks.append(ack)

@@ -206,6 +206,29 @@ def parse_header(frame: bytes | dict[str, Any]) -> dict[str, Any]:
     return header
 
 
+def to_runs(offsets: Sequence[int]) -> list[list[int]]:
+    """Ascending offsets as runs ``[first, count]`` (a batch is one run unless it has holes)."""
+    if offsets and offsets[-1] - offsets[0] == len(offsets) - 1:
+        return [[offsets[0], len(offsets)]]
+    runs: list[list[int]] = []
+    for offset in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1][1] += 1
+        else:
+            runs.append([offset, 1])
+    return runs
+
+
+def from_runs(runs: Sequence[Any]) -> list[int]:
+    """The offsets of runs ``[first, count > 0]``, or ProtocolError."""
+    if not all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
+               and r[1] > 0 for r in runs):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be runs [first offset, count > 0]")
+    if len(runs) == 1:
+        return list(range(runs[0][0], runs[0][0] + runs[0][1]))
+    return [o for first, count in runs for o in range(first, first + count)]
+
+
 def join_payloads(payloads: Sequence[bytes]) -> list[bytes]:
     """The payload frame of a batch: the payloads back to back (their sizes go in the header)."""
     return [b"".join(payloads)]
