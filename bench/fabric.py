@@ -56,6 +56,7 @@ from zmqlab.loadgen import (  # noqa: E402
     run_load,
     verify,
 )
+from zmqlab.node import tune_gc  # noqa: E402
 from zmqlab.topology import Supervisor, Topology, query_status  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -88,6 +89,7 @@ def _zmqlab_client(endpoint: str, records: int, threads: int, batch: int, size: 
     """Load one producer service with ``run_load``; send back the acks and latencies."""
     options = LoadOptions((endpoint,), records=records, rate=rate, size=size, clients=threads,
                           batch=batch, deadline_s=deadline_s)
+    tune_gc()  # as `zmqlab load` does
     ready.put(os.getpid())
     if not go.wait(120):
         return
@@ -103,12 +105,15 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
     """PUSH records straight at the consumers, in the same batches as the zmqlab clients."""
     import zmq
 
+    from zmqlab.node import send_frames, tune_gc  # zmqlab's own frame helper and GC setting
+
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, PUSH_BATCH_HWM)
     push.setsockopt(zmq.LINGER, 30_000)  # deliver what is queued before exiting
     for endpoint in endpoints:
         push.connect(endpoint)
+    tune_gc()
     ready.put(os.getpid())
     if not go.wait(120):
         return
@@ -119,7 +124,7 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
         now = time.time()
         metas = [[f"{run_id}-{seq}", None, now] for seq in seqs]
         header = json.dumps({"producer": producer, "records": metas}).encode()
-        push.send_multipart([header, *[padded_payload(size, seq, number) for seq in seqs]])
+        send_frames(push, [header, *[padded_payload(size, seq, number) for seq in seqs]])
     push.close()
     context.term()
     results.put(time.process_time() - cpu)
@@ -129,6 +134,7 @@ def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None
     """PULL batches and store them with zmqlab's own Sink, up to 5000 records a transaction."""
     import zmq
 
+    from zmqlab.node import NOBLOCK, recv_frames, tune_gc
     from zmqlab.store import Batch, Delivery, Sink, make_engine
 
     stopping = []
@@ -138,6 +144,7 @@ def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None
     pull = context.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, PUSH_BATCH_HWM)
     pull.bind(endpoint)
+    tune_gc()
     ready.put(os.getpid())
     offset = 0
     while not stopping:
@@ -146,7 +153,7 @@ def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None
         batches, count = [], 0
         while count < 5000:
             try:
-                frames = pull.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(pull, NOBLOCK)
             except zmq.Again:
                 break
             header = json.loads(frames[0])

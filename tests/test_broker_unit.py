@@ -56,8 +56,14 @@ def put(broker: Broker, *payloads: bytes, key: str | None = None, ids: list[str]
         who: bytes = b"req-1") -> proto.Message:
     ids = ids or [f"id-{i}-{len(broker._held)}" for i in range(len(payloads))]
     metas = [[i, key, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
-    return producer_says(broker, Command.PUT, {"records": metas},
-                         proto.join_payloads(payloads), who=who)
+    return producer_says(broker, Command.PUT, columns(metas), proto.join_payloads(payloads),
+                         who=who)
+
+
+def columns(metas: list[list[Any]]) -> dict[str, Any]:
+    """A PUT header from rows [id, key, created_us, size] (the wire sends columns)."""
+    return {name: [m[k] for m in metas]
+            for k, name in enumerate(("ids", "keys", "created_us", "sizes"))}
 
 
 def records_of(message: proto.Message) -> list[list[Any]]:
@@ -68,7 +74,8 @@ def records_of(message: proto.Message) -> list[list[Any]]:
 
 def batch_rows(batch: dict[str, Any]) -> list[list[Any]]:
     offsets = [o for first, count in batch["offsets"] for o in range(first, first + count)]
-    columns = [batch[c] for c in ("ids", "keys", "producers", "created_us", "attempts", "sizes")]
+    columns = [proto.column(batch, c, len(offsets))
+               for c in ("ids", "keys", "producers", "created_us", "attempts", "sizes")]
     return [list(row) for row in zip(offsets, *columns, strict=True)]
 
 
@@ -164,23 +171,27 @@ def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
 def test_bad_records_get_a_clear_refusal(meta, payload, code):
     broker, _ = make()
     hello(broker)
-    reply = producer_says(broker, Command.PUT, {"records": [[*meta, len(payload)]]}, [payload])
+    reply = producer_says(broker, Command.PUT, columns([[*meta, len(payload)]]), [payload])
     assert reply.header["errors"][0][1] == code
     assert reply.header["errors"][0][3] is False
     assert sum(p.depth for p in broker.partitions) == 0
 
 
-@pytest.mark.parametrize("records, frames", [
-    ([["a", None, 1.0]], [b"{}"]),  # no size
-    ([["a", None, 1.0, 3]], [b"{}"]),  # sizes do not match the frame
-    ([["a", None, 1.0, 2]], [b"{}", b"{}"]),  # one frame per batch
-    ([["a", None, 1.0, -1]], [b"{}"]),
-    ("nope", [b"{}"]),
+@pytest.mark.parametrize("header, frames", [
+    ({"ids": ["a"], "created_us": 1}, [b"{}"]),  # no sizes
+    ({"ids": ["a"], "sizes": [2]}, [b"{}"]),  # no times
+    ({"ids": ["a"], "created_us": 1, "sizes": [3]}, [b"{}"]),  # sizes do not match the frame
+    ({"ids": ["a"], "created_us": 1, "sizes": 3}, [b"{}"]),  # nor as one shared value
+    ({"ids": ["a"], "created_us": 1, "sizes": [2]}, [b"{}", b"{}"]),  # one frame per batch
+    ({"ids": ["a"], "created_us": 1, "sizes": [-1]}, [b"{}"]),
+    ({"ids": ["a", "b"], "created_us": 1, "sizes": [2]}, [b"{}{}"]),  # a short column
+    ({"ids": ["a"], "created_us": 1, "sizes": {"a": 2}}, [b"{}"]),  # neither list nor value
+    ({"ids": "nope", "created_us": 1, "sizes": 2}, [b"{}"]),
 ])
-def test_put_whose_sizes_and_frames_disagree_is_refused_whole(records, frames):
+def test_put_whose_sizes_and_frames_disagree_is_refused_whole(header, frames):
     broker, _ = make()
     hello(broker)
-    reply = producer_says(broker, Command.PUT, {"records": records}, frames)
+    reply = producer_says(broker, Command.PUT, header, frames)
     assert proto.error_of(reply)[0] == "BAD_MESSAGE"
     assert sum(p.depth for p in broker.partitions) == 0
 
@@ -332,9 +343,9 @@ def test_stats_are_answered_without_registration():
 def test_each_part_of_a_put_is_answered_on_its_own_and_a_bad_part_spoils_only_itself():
     broker, _ = make(partitions=2)
     hello(broker)
-    good = [proto.dump({"records": [["a", None, 1, 2], ["b", None, 1, 2]]}), b"{}{}"]
+    good = [proto.dump({"ids": ["a", "b"], "created_us": 1, "sizes": 2}), b"{}{}"]
     bad = [b"not json", b""]
-    other = [proto.dump({"records": [["c", "k", 1, 2]]}), b"{}"]
+    other = [proto.dump({"ids": ["c"], "keys": ["k"], "created_us": [1], "sizes": [2]}), b"{}"]
     broker.outbox.clear()
     broker.handle_frontend([b"req-1", b"", *proto.encode_parts(Command.PUT, good + bad + other)],
                            broker.clock())
@@ -350,7 +361,8 @@ def test_each_part_of_a_put_is_answered_on_its_own_and_a_bad_part_spoils_only_it
 def test_a_put_with_an_unpaired_frame_is_refused_whole():
     broker, _ = make()
     hello(broker)
-    reply = producer_says(broker, Command.PUT, {"records": []}, [b"", b"{}"])
+    reply = producer_says(broker, Command.PUT, {"ids": [], "created_us": 1, "sizes": 0},
+                          [b"", b"{}"])
     assert proto.error_of(reply)[0] == "BAD_MESSAGE"
 
 

@@ -146,12 +146,13 @@ def test_producer_service_groups_concurrent_clients_into_one_batch(ctx, endpoint
         else:
             bodies, counts = [], []
             for header, blob in proto.put_parts(message):
-                records = proto.parse_header(header)["records"]
-                assert sum(r[3] for r in records) == len(blob)
-                counts.append(len(records))
-                bodies.append(proto.dump({"acks": [[0, len(records), 0, stored]], "dups": [],
+                part = proto.parse_header(header)
+                ids = part["ids"]
+                assert sum(proto.column(part, "sizes", len(ids))) == len(blob)
+                counts.append(len(ids))
+                bodies.append(proto.dump({"acks": [[0, len(ids), 0, stored]], "dups": [],
                                           "errors": []}))
-                stored += len(records)
+                stored += len(ids)
             puts.append(counts)
             reply = proto.encode_parts(Command.ACK, bodies)
         broker.send_multipart([*frames[:2], *reply])
@@ -206,8 +207,8 @@ def test_a_malformed_client_batch_is_refused_without_touching_other_clients(ctx,
         bad = ctx.socket(zmq.REQ)
         bad.setsockopt(zmq.LINGER, 0)
         bad.connect(fabric.ingress["8080"])
-        bad.send_multipart(proto.encode(Command.PUT, {"records": [["x", None, 1.0, 99]]},
-                                        [b"{}"]))
+        bad.send_multipart(proto.encode(Command.PUT, {"ids": ["x"], "created_us": 1,
+                                                      "sizes": [99]}, [b"{}"]))
         reply = proto.decode(recv(bad))
         assert proto.error_of(reply)[0] == "BAD_MESSAGE"
         bad.close(0)

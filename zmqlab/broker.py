@@ -17,7 +17,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -35,6 +35,23 @@ MAX_ID_CHARS = 128
 MAX_KEY_CHARS = 1024
 DRAIN_PER_POLL = 256  # messages read per socket per wake-up before timers and dispatch run
 _POSITION = 1 << 48  # a remembered (partition, offset) as one int: partition * _POSITION + offset
+
+
+class _Columns(NamedTuple):
+    """A PUT part's header columns, each a list with one value per record (values not yet
+    checked: checks and ring appends work on whole columns)."""
+
+    ids: list[Any]
+    keys: list[Any]
+    created_us: list[Any]
+    sizes: list[Any]
+
+    @classmethod
+    def of(cls, header: dict[str, Any]) -> _Columns:
+        ids = proto.require(header, "ids", list)
+        count = len(ids)
+        return cls(ids, proto.column(header, "keys", count, optional=True),
+                   proto.column(header, "created_us", count), proto.column(header, "sizes", count))
 
 
 @dataclass
@@ -274,19 +291,71 @@ class Broker(Node):
         which keeps batches whole on every later hop), and acknowledged as runs
         ``[index, count, partition, first offset]``.
         """
-        metas = proto.require(header, "records", list)
-        if not all(type(m) is list and len(m) == 4 for m in metas):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                "each record header must be [id, key, created_us, size]")
-        sizes = [m[3] for m in metas]
-        payloads = proto.split_payloads(sizes, [blob])
-        not_json = proto.invalid_objects(blob, sizes) if metas else set()
+        columns = _Columns.of(header)
+        payloads = proto.split_payloads(columns.sizes, [blob])
+        not_json = proto.invalid_objects(blob, columns.sizes) if columns.ids else set()
         errors: list[list[Any]] = []
         dups: list[list[Any]] = []
+        repeats: list[int] = []
+        if not not_json and self._all_fresh_and_valid(columns):
+            accepted = list(range(len(columns.ids)))
+        else:
+            accepted = self._check_each(columns, not_json, errors, dups)
+            ids = columns.ids
+            if len({ids[i] for i in accepted}) != len(accepted):  # an id twice in a batch
+                first_of: set[str] = set()
+                unique: list[int] = []
+                for i in accepted:
+                    (repeats if ids[i] in first_of else unique).append(i)
+                    first_of.add(ids[i])
+                accepted = unique
+        acks = self._place(accepted, columns, payloads, producer.name, errors)
+        for index in repeats:
+            known = self._locate(columns.ids[index], columns.keys[index])
+            if known is not None:
+                dups.append([index, *known])
+            else:  # its first copy was refused: so is this one
+                errors.append([index, ErrorCode.PARTITION_FULL.value,
+                               "the first copy of this id in the batch was refused", True])
+        stored = sum(run[1] for run in acks)
+        self.counters["duplicates"] += len(dups)
+        producer.records += stored
+        self.counters["put"] += stored
+        if errors:
+            errors.sort()
+            self.counters["refused"] += len(errors)
+            codes = Counter(e[1] for e in errors)
+            self.log.info("refused records producer=%s count=%d codes=%s first=%s",
+                          producer.name, len(errors), dict(codes), errors[0][2])
+        return {"acks": acks, "dups": dups, "errors": errors}
+
+    def _all_fresh_and_valid(self, columns: _Columns) -> bool:
+        """The common case, checked a column at a time in C: every id a new, unique string of
+        the allowed length, every key null or a short string, every time an int, every payload
+        within the size limit. When this is False, ``_check_each`` finds out which record."""
+        ids, keys, created, sizes = columns.ids, columns.keys, columns.created_us, columns.sizes
+        if not ids:
+            return True
+        if set(map(type, ids)) != {str} or set(map(type, created)) != {int}:
+            return False
+        if not (0 < min(map(len, ids)) and max(map(len, ids)) <= MAX_ID_CHARS):
+            return False
+        if max(sizes) > self.config.max_payload_bytes or len(set(ids)) != len(ids):
+            return False
+        if keys.count(None) != len(keys):
+            named = [k for k in keys if k is not None]
+            if set(map(type, named)) != {str} or max(map(len, named)) > MAX_KEY_CHARS:
+                return False
+        return (self._held.isdisjoint(ids) and self._recent.keys().isdisjoint(ids)
+                and self._recent_old.keys().isdisjoint(ids))
+
+    def _check_each(self, columns: _Columns, not_json: set[int], errors: list[list[Any]],
+                    dups: list[list[Any]]) -> list[int]:
+        """Check records one by one: the accepted indices; refusals and retries recorded."""
         accepted: list[int] = []
         held, recent, older = self._held, self._recent, self._recent_old
         max_bytes = self.config.max_payload_bytes
-        for index, (record_id, key, created_us, size) in enumerate(metas):
+        for index, (record_id, key, created_us, size) in enumerate(zip(*columns, strict=True)):
             if type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS:
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
                                f"id must be a string of 1 to {MAX_ID_CHARS} characters", False])
@@ -309,50 +378,29 @@ class Broker(Node):
                                "payload must be a JSON object", False])
             else:
                 accepted.append(index)
-        repeats: list[int] = []
-        if len({metas[i][0] for i in accepted}) != len(accepted):  # an id twice in one batch
-            first_of: set[str] = set()
-            unique: list[int] = []
-            for i in accepted:
-                (repeats if metas[i][0] in first_of else unique).append(i)
-                first_of.add(metas[i][0])
-            accepted = unique
-        acks = self._place(accepted, metas, payloads, producer.name, errors)
-        for index in repeats:
-            known = self._locate(metas[index][0], metas[index][1])
-            if known is not None:
-                dups.append([index, *known])
-            else:  # its first copy was refused: so is this one
-                errors.append([index, ErrorCode.PARTITION_FULL.value,
-                               "the first copy of this id in the batch was refused", True])
-        stored = sum(run[1] for run in acks)
-        self.counters["duplicates"] += len(dups)
-        producer.records += stored
-        self.counters["put"] += stored
-        if errors:
-            errors.sort()
-            self.counters["refused"] += len(errors)
-            codes = Counter(e[1] for e in errors)
-            self.log.info("refused records producer=%s count=%d codes=%s first=%s",
-                          producer.name, len(errors), dict(codes), errors[0][2])
-        return {"acks": acks, "dups": dups, "errors": errors}
+        return accepted
 
-    def _place(self, accepted: list[int], metas: list[list[Any]], payloads: list[bytes],
+    def _place(self, accepted: list[int], columns: _Columns, payloads: list[bytes],
                producer: str, errors: list[list[Any]]) -> list[list[int]]:
         """Append accepted records to their partitions; ACK runs, PARTITION_FULL for the rest."""
         partitions = self.partitions
         count = len(partitions)
+        keys = columns.keys
         keyed: dict[int, list[int]] = {}
-        keyless: list[int] = []
-        for i in accepted:
-            key = metas[i][1]
-            if key is None:
-                keyless.append(i)
-            else:
-                keyed.setdefault(zlib.crc32(key.encode()) % count, []).append(i)
+        keyless: list[int]
+        if keys.count(None) == len(keys):
+            keyless = accepted
+        else:
+            keyless = []
+            for i in accepted:
+                key = keys[i]
+                if key is None:
+                    keyless.append(i)
+                else:
+                    keyed.setdefault(zlib.crc32(key.encode()) % count, []).append(i)
         runs: list[list[int]] = []
         for number, indices in keyed.items():
-            left = self._store_run(partitions[number], indices, metas, payloads, producer, runs)
+            left = self._store_run(partitions[number], indices, columns, payloads, producer, runs)
             for i in left:
                 errors.append([i, ErrorCode.PARTITION_FULL.value, f"partition {number} is full "
                                f"({self.config.capacity} records); retry later", True])
@@ -360,7 +408,7 @@ class Broker(Node):
             start = self._round_robin
             self._round_robin = (start + 1) % count
             for step in range(count):
-                keyless = self._store_run(partitions[(start + step) % count], keyless, metas,
+                keyless = self._store_run(partitions[(start + step) % count], keyless, columns,
                                           payloads, producer, runs)
                 if not keyless:
                     break
@@ -370,15 +418,23 @@ class Broker(Node):
         runs.sort()
         return runs
 
-    def _store_run(self, partition: Partition, indices: list[int], metas: list[list[Any]],
+    def _store_run(self, partition: Partition, indices: list[int], columns: _Columns,
                    payloads: list[bytes], producer: str, runs: list[list[int]]) -> list[int]:
         """Append what fits of ``indices`` to one partition; return the indices left over."""
-        if partition.room <= 0:
+        room = partition.room
+        if room <= 0:
             return indices
-        ids = [metas[i][0] for i in indices]
-        first, stored = partition.extend(ids, [metas[i][1] for i in indices], producer,
-                                         [metas[i][2] for i in indices],
-                                         [payloads[i] for i in indices])
+        lo = indices[0]
+        if indices[-1] - lo == len(indices) - 1:  # consecutive (the usual case): slices
+            hi = lo + min(len(indices), room)
+            ids, keys = columns.ids[lo:hi], columns.keys[lo:hi]
+            created, chosen = columns.created_us[lo:hi], payloads[lo:hi]
+        else:
+            ids = [columns.ids[i] for i in indices]
+            keys = [columns.keys[i] for i in indices]
+            created = [columns.created_us[i] for i in indices]
+            chosen = [payloads[i] for i in indices]
+        first, stored = partition.extend(ids, keys, producer, created, chosen)
         self._held.update(ids[:stored])
         number = partition.number
         if stored and indices[stored - 1] - indices[0] == stored - 1:  # consecutive: one run
@@ -577,11 +633,13 @@ class Broker(Node):
         header_batches = []
         payloads: list[bytes] = []
         for partition, taken in batches:
+            compact = proto.compact
             header_batches.append({
                 "partition": partition.number, "epoch": partition.epoch,
-                "offsets": taken.offsets, "ids": taken.ids, "keys": taken.keys,
-                "producers": taken.producers, "created_us": taken.created_us,
-                "attempts": taken.attempts, "sizes": list(map(len, taken.payloads)),
+                "offsets": taken.offsets, "ids": taken.ids, "keys": compact(taken.keys),
+                "producers": compact(taken.producers), "created_us": compact(taken.created_us),
+                "attempts": compact(taken.attempts),
+                "sizes": compact(list(map(len, taken.payloads))),
             })
             payloads.extend(taken.payloads)
         state.delivered += len(payloads)

@@ -29,7 +29,7 @@ from zmqlab.config import (
 )
 from zmqlab.consumer import Consumer
 from zmqlab.errors import ZmqlabError
-from zmqlab.node import Node
+from zmqlab.node import Node, tune_gc
 from zmqlab.producer import Producer, RecordsRefused
 from zmqlab.topology import Supervisor, Topology, query_status
 
@@ -62,6 +62,7 @@ def _serve(node: Node) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    tune_gc()
     try:
         node.start()
     except ZmqlabError as exc:
@@ -130,7 +131,7 @@ def consumer(
     host: Annotated[str, typer.Option(help="Interface to bind the status port on.")] = "*",
     broker: Annotated[str, typer.Option(help="The broker's backend.")] = "tcp://127.0.0.1:5556",
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy database URL.")] = DEFAULT_DB_URL,
-    credit: Annotated[int, typer.Option(min=1, help="Records this consumer may hold at once.")] = 2000,
+    credit: Annotated[int, typer.Option(min=1, help="Records this consumer may hold at once.")] = 10_000,
     max_attempts: Annotated[int, typer.Option(min=1, help="Deliveries before a dead letter.")] = 5,
     transform: Annotated[str | None, typer.Option(help="package.module:function run on each payload before it is stored; raising fails the record.")] = None,
     heartbeat_ms: HeartbeatMs = 1000,

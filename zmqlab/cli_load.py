@@ -42,6 +42,7 @@ from zmqlab.loadgen import (
     run_load,
     verify,
 )
+from zmqlab.node import tune_gc
 
 err = Console(stderr=True)
 out = Console()
@@ -190,6 +191,7 @@ def load(
     options = _options(endpoints=to, records=records, rate=rate, size=size, clients=clients,
                        keys=keys, deadline_s=deadline, batch=batch, timeout_ms=timeout_ms,
                        retries=retries)
+    tune_gc()
     with _sigterm_as_interrupt():
         with _progress_bar(options.records, not as_json) as progress:
             report = run_load(options, progress=progress)
@@ -291,6 +293,7 @@ def demo(
             if not as_json:
                 err.print(f"ready in {time.monotonic() - began:.1f} s; sending {records} "
                           f"records of {size} bytes with {clients} clients", highlight=False)
+            tune_gc()
             with _progress_bar(records, not as_json) as progress:
                 report = run_load(options, progress=progress)
             supervisor.check_alive()

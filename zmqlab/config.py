@@ -99,7 +99,8 @@ class ConsumerConfig:
     broker: str = "tcp://127.0.0.1:5556"
     status: str | None = None  # e.g. tcp://*:9090
     db_url: str = DEFAULT_DB_URL
-    credit: int = 2000  # records this consumer may hold at once (prefetch window)
+    credit: int = 10_000  # records this consumer may hold at once (prefetch window): two
+    # transactions of MAX_RECORDS_PER_TRANSACTION, so the next one arrives while one commits
     heartbeat_ms: int = 1000
     liveness: int = 3
     max_attempts: int = 5  # deliveries before a failing record goes to dead letters

@@ -198,9 +198,7 @@ class Consumer(Node):
             if not isinstance(entry, dict):
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "each RECORDS batch must be an object")
             offsets = proto.from_runs(proto.require(entry, "offsets", list))
-            columns = {name: proto.require(entry, name, list) for name in RECORD_COLUMNS}
-            if any(len(column) != len(offsets) for column in columns.values()):
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "RECORDS columns differ in length")
+            columns = {name: proto.column(entry, name, len(offsets)) for name in RECORD_COLUMNS}
             parts.append((proto.require(entry, "partition", int),
                           proto.require(entry, "epoch", int), offsets, columns))
             sizes.extend(columns["sizes"])

@@ -325,9 +325,8 @@ class _Client:
                 finally:
                     self._publish_retries()
                 latency = time.monotonic() - sent_at
-                for record in records:
-                    if record.id in acks:
-                        result.acked[record.id] = record.created_at
+                result.acked.update(zip([r.id for r in acks], [r.created_at for r in acks],
+                                        strict=True))
                 result.latencies.extend([latency] * len(acks))
                 done += n
                 with self.shared.lock:
@@ -339,28 +338,31 @@ class _Client:
             self._merge_stats(self._producer_now)
             self._producer_now.close()
 
-    def _send(self, records: list[OutRecord]) -> tuple[set[str], int, bool]:
-        """(acknowledged ids, refused count, carry on) for one batch, failing over if silent."""
+    def _send(self, records: list[OutRecord]) -> tuple[list[OutRecord], int, bool]:
+        """(acknowledged records, refused count, carry on) for one batch, failing over if
+        silent."""
         n, result = len(records), self.result
         tried: list[str] = []
         while True:
             producer = self._producer_now
             producer.deadline_s = max(0.05, self.deadline - time.monotonic())
             try:
-                return {a.id for a in producer.send_batch(records, sleep=self._pause)}, 0, True
+                producer.send_batch(records, sleep=self._pause)
+                return records, 0, True  # it returns only when every record is acknowledged
             except _Stopped:
-                return set(), 0, False  # outcome unknown; the report says interrupted
+                return [], 0, False  # outcome unknown; the report says interrupted
             except RecordsRefused as exc:
                 for refusal in exc.refusals:
                     result.refuse(refusal.code, refusal.reason, 1)
-                return {a.id for a in exc.acks}, len(exc.refusals), True
+                acked = {a.id for a in exc.acks}
+                return [r for r in records if r.id in acked], len(exc.refusals), True
             except BrokerUnavailable:
                 # Failover: the same ids on the next endpoint are idempotent at the broker.
                 tried.append(producer.endpoint)
                 if self._endpoint_index + 1 >= len(self.endpoints) or self.stop.is_set():
                     result.refuse("UNAVAILABLE", f"no answer from {', '.join(tried)} "
                                   f"({options_tries(self.options)})", n)
-                    return set(), n, False  # every endpoint is silent: the rest stays unsent
+                    return [], n, False  # every endpoint is silent: the rest stays unsent
                 self._endpoint_index += 1
                 result.failovers += 1
                 self._publish_retries(failover=True)
@@ -370,10 +372,10 @@ class _Client:
                 self._retries_seen = 0
             except BrokerRejected as exc:  # the whole request refused (e.g. HELLO refused)
                 result.refuse(exc.code, exc.reason, n)
-                return set(), n, True
+                return [], n, True
             except ZmqlabError as exc:  # e.g. a garbled reply: count it, keep going
                 result.refuse(str(getattr(exc, "code", type(exc).__name__)), str(exc), n)
-                return set(), n, True
+                return [], n, True
 
     def _publish_retries(self, failover: bool = False) -> None:
         """Add the current Producer's new retries (and a failover) to the progress counters."""

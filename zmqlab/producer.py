@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import zmq
@@ -91,10 +92,17 @@ def make_record(payload: Mapping[str, Any] | bytes | str, *, key: str | None = N
 
 
 def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
-    """A one-part PUT: ``{"records": [[id, key, created_us, size], ...]}`` and the payloads."""
-    metas = [[r.id, r.key, round(r.created_at * 1_000_000), len(r.payload)] for r in records]
-    return proto.encode(Command.PUT, {"records": metas},
-                        proto.join_payloads([r.payload for r in records]))
+    """A one-part PUT: the columns ``ids``, ``keys``, ``created_us``, ``sizes`` (each a list,
+    or one value shared by every record) and the payloads."""
+    payloads = [r.payload for r in records]
+    created = [r.created_at for r in records]
+    if created and created.count(created[0]) == len(created):  # made together: one time
+        created_us: Any = round(created[0] * 1_000_000)
+    else:
+        created_us = [round(c * 1_000_000) for c in created]
+    header = {"ids": [r.id for r in records], "keys": proto.compact([r.key for r in records]),
+              "created_us": created_us, "sizes": proto.compact(list(map(len, payloads)))}
+    return proto.encode(Command.PUT, header, proto.join_payloads(payloads))
 
 
 class Producer:
@@ -199,9 +207,12 @@ class Producer:
             elif reply.command is Command.ACK:
                 header = reply.header
                 for index, count, partition, first in header.get("acks", []):
-                    for k in range(count):
-                        i = todo[index + k]
-                        acks[i] = Ack(records[i].id, partition, first + k)
+                    indices = todo[index:index + count]
+                    # tuple.__new__ builds the NamedTuples in C (Ack(...) is a Python call)
+                    acks.update(zip(indices, map(tuple.__new__, repeat(Ack), zip(
+                        [records[i].id for i in indices], repeat(partition),
+                        range(first, first + count), repeat(False), strict=False)),
+                        strict=True))
                 for index, partition, offset in header.get("dups", []):
                     i = todo[index]
                     acks[i] = Ack(records[i].id, partition, offset, True)
@@ -341,25 +352,22 @@ class ProducerService(Node):
     def _client_message(self, client: bytes, message: proto.Message) -> list[bytes] | None:
         command = message.command
         if command is Command.PUT:
-            metas = proto.require(message.header, "records", list)
-            try:  # the broker checks each record; here only what forwarding the part needs
-                sizes_ok = (len(message.payloads) == 1
-                            and sum(m[3] for m in metas) == len(message.payloads[0]))
-            except (TypeError, IndexError, KeyError):
-                sizes_ok = False
-            if not sizes_ok:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "records must be [id, key, "
-                                    "created_us, size] with one payload frame of those sizes")
-            if not metas:
+            # The broker checks every record (a bad part spoils only that client's part);
+            # here only what forwarding the part needs: its size and its one payload frame.
+            count = len(proto.require(message.header, "ids", list))
+            if len(message.payloads) != 1:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "a PUT carries one payload frame "
+                                    f"(the records back to back), got {len(message.payloads)}")
+            if not count:
                 return proto.encode(Command.ACK, {"acks": [], "dups": [], "errors": []})
             backlog = self.up.pending_records
-            if backlog + len(metas) > self.config.max_pending:
+            if backlog + count > self.config.max_pending:
                 raise ProtocolError(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
                                     f"holds {backlog} records for the broker; retry later")
-            self.stats["received"] += len(metas)
-            self.up.pending.append(_ClientPut(client, len(metas), message.raw_header,
+            self.stats["received"] += count
+            self.up.pending.append(_ClientPut(client, count, message.raw_header,
                                               message.payloads[0]))
-            self.up.pending_records += len(metas)
+            self.up.pending_records += count
             return None  # answered when the broker acknowledges
         if command is Command.HELLO:
             return proto.encode(Command.WELCOME, {"name": self.config.name,

@@ -13,8 +13,10 @@ dominated by it) while a slice costs ~0.1 µs.
 A PUT is one or more *parts* — (header, payload) frame pairs — and its ACK one header frame per
 part: a producer service forwards the parts of several clients in one request, and hands each
 client its part's answer, without decoding or re-encoding records. Acknowledgements are runs
-(``[index, count, partition, first offset]``) and RECORDS headers are columns, so the
-per-record share of every header is a few plain JSON values; times travel as integer
+(``[index, count, partition, first offset]``), and PUT and RECORDS headers are columns — one
+JSON list per field — where a column whose records all share one value is sent as that value
+once (``"keys": null`` for a keyless batch, one ``created_us`` for a batch made at once), so
+the per-record share of every header is little more than an id; times travel as integer
 microseconds (a float's repr cost twice an int's). Consumers' DEALER sockets send the empty
 delimiter that a REQ socket would add, so one parser serves both sides of the broker. The
 README documents every field.
@@ -23,6 +25,7 @@ README documents every field.
 from __future__ import annotations
 
 import json
+import json.scanner
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -30,7 +33,7 @@ from typing import Any
 
 from zmqlab.errors import ProtocolError
 
-VERSION = b"ZQL2"
+VERSION = b"ZQL3"
 EMPTY = b""
 
 
@@ -84,6 +87,10 @@ class Message:
 
 
 _DECODER = json.JSONDecoder()
+# The decoder's own scanner (the C one where CPython has it), called without raw_decode's
+# Python wrapper: payload checks call it once per record.
+_SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # typeshed names
+# the parameter's type after the function itself
 
 
 def parse_json(data: bytes) -> Any:
@@ -122,7 +129,7 @@ def invalid_objects(blob: bytes, sizes: Sequence[int]) -> set[int]:
             position += size
         return bad
     text = blob.decode("ascii")
-    scan = _DECODER.raw_decode
+    scan = _SCAN
     position = 0
     for index, size in enumerate(sizes):
         stop = position + size
@@ -132,7 +139,7 @@ def invalid_objects(blob: bytes, sizes: Sequence[int]) -> set[int]:
             end = scan(text, position)[1]
             if end > stop or (end < stop and not text[end:stop].isspace()):
                 raise ValueError
-        except ValueError:
+        except (ValueError, StopIteration):  # the scanner's "no value here" is StopIteration
             bad.add(index)
         position = stop
     return bad
@@ -227,6 +234,35 @@ def from_runs(runs: Sequence[Any]) -> list[int]:
     if len(runs) == 1:
         return list(range(runs[0][0], runs[0][0] + runs[0][1]))
     return [o for first, count in runs for o in range(first, first + count)]
+
+
+def compact(values: list[Any]) -> Any:
+    """A column for the wire: the one value when every record has it, else the list.
+
+    ``list.count`` makes the check a C loop; a column that varies costs one comparison per
+    record to send, a constant one saves encoding and decoding a value per record.
+    """
+    if values and values.count(values[0]) == len(values):
+        return values[0]
+    return values
+
+
+def column(header: dict[str, Any], name: str, count: int, *, optional: bool = False) -> list[Any]:
+    """A header's column as a list of ``count`` values (see ``compact``), or ProtocolError;
+    an optional column that is absent is all nulls."""
+    if name not in header:
+        if not optional:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header field {name!r} is missing")
+        return [None] * count
+    value = header[name]
+    if type(value) is list:
+        if len(value) != count:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} has {len(value)} values for "
+                                f"{count} records")
+        return value
+    if type(value) is dict:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} must be a list or one value")
+    return [value] * count
 
 
 def join_payloads(payloads: Sequence[bytes]) -> list[bytes]:
