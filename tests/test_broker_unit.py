@@ -9,6 +9,7 @@ import pytest
 from zmqlab import protocol as proto
 from zmqlab.broker import BACK, FRONT, Broker
 from zmqlab.config import BrokerConfig
+from zmqlab.errors import ProtocolError
 from zmqlab.protocol import Command
 
 
@@ -381,3 +382,56 @@ def test_a_keyless_batch_overflows_into_the_next_partition_before_anything_is_re
     assert reply.header["acks"] == [[0, 2, 0, 0], [2, 2, 1, 0], [4, 2, 2, 0]]
     assert [e[:2] for e in reply.header["errors"]] == [[6, "PARTITION_FULL"]]
     assert [p.depth for p in broker.partitions] == [2, 2, 2]
+
+
+def test_a_bad_record_among_good_ones_is_refused_alone_and_the_rest_stored_in_runs():
+    broker, _ = make(partitions=2)
+    hello(broker)
+    reply = put(broker, b'{"a":1}', b'{"a":', b'{"a":3}', b'{"a":4}')
+    assert reply.header["acks"] == [[0, 1, 0, 0], [2, 2, 0, 1]]
+    assert [e[:2] for e in reply.header["errors"]] == [[1, "INVALID_RECORD"]]
+    assert broker.partitions[0].depth == 3
+
+
+def test_compact_sends_a_value_shared_by_every_record_once_and_column_expands_it():
+    assert proto.compact([7, 7, 7]) == 7
+    assert proto.compact([None, None]) is None
+    assert proto.compact([1, 2, 1]) == [1, 2, 1]
+    assert proto.compact([]) == []
+    assert proto.column({"sizes": 5}, "sizes", 3) == [5, 5, 5]
+    assert proto.column({"keys": ["a", None]}, "keys", 2) == ["a", None]
+    assert proto.column({}, "keys", 2, optional=True) == [None, None]
+    for header, why in (({}, "missing"), ({"sizes": [1]}, "1 values for 2"),
+                        ({"sizes": {"all": 1}}, "a list or one value")):
+        with pytest.raises(ProtocolError, match=why):
+            proto.column(header, "sizes", 2)
+
+
+def test_a_put_with_shared_values_reaches_the_consumer_with_every_value_in_place():
+    import zlib
+
+    broker, _ = make(partitions=4)
+    hello(broker)
+    consumer_says(broker, "9090", Command.HELLO)
+    header = {"ids": ["a", "b", "c"], "keys": "k", "created_us": 42, "sizes": 2}
+    reply = producer_says(broker, Command.PUT, header, [b"{}" * 3])
+    number = zlib.crc32(b"k") % 4
+    assert reply.header["acks"] == [[0, 3, number, 0]]
+    sent = consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
+    (records,) = [m for m in sent if m.command is Command.RECORDS]
+    (batch,) = records.header["batches"]
+    assert batch["keys"] == "k" and batch["created_us"] == 42 and batch["attempts"] == 1
+    assert records_of(records) == [[o, i, "k", "8080", 42, 1, 2]
+                                   for o, i in enumerate(["a", "b", "c"])]
+
+
+def test_encode_put_sends_a_shared_time_key_and_size_once():
+    from zmqlab.producer import OutRecord, encode_put
+
+    same = proto.decode(encode_put([OutRecord(b"{}", f"r{i}", None, 1.5) for i in range(3)]))
+    assert same.header == {"ids": ["r0", "r1", "r2"], "keys": None, "created_us": 1_500_000,
+                           "sizes": 2}
+    mixed = proto.decode(encode_put([OutRecord(b"{}", "a", "k", 1.0),
+                                     OutRecord(b'{"x":1}', "b", None, 2.0)]))
+    assert mixed.header == {"ids": ["a", "b"], "keys": ["k", None],
+                            "created_us": [1_000_000, 2_000_000], "sizes": [2, 7]}

@@ -87,6 +87,10 @@ class Message:
 
 
 _DECODER = json.JSONDecoder()
+# Built once: json.dumps with any option builds a new JSONEncoder on every call, and Command(x)
+# goes through Enum's Python lookup; both ran once per message on every node.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_COMMANDS = {command.value: command for command in Command}
 # The decoder's own scanner (the C one where CPython has it), called without raw_decode's
 # Python wrapper: payload checks call it once per record.
 _SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # typeshed names
@@ -167,11 +171,9 @@ def decode(frames: Sequence[bytes]) -> Message:
             ErrorCode.BAD_VERSION,
             f"protocol version {version[:16]!r} not supported (this node speaks {VERSION!r})",
         )
-    try:
-        cmd = Command(bytes(command))
-    except ValueError:
-        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
-                            f"unknown command {command[:32]!r}") from None
+    cmd = _COMMANDS.get(bytes(command))
+    if cmd is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {command[:32]!r}")
     raw = bytes(body)
     return Message(cmd, parse_header(raw), tuple(bytes(f) for f in frames[3:]), raw)
 
@@ -182,7 +184,7 @@ def encode_parts(command: Command, bodies: Sequence[bytes]) -> list[bytes]:
 
 
 def dump(header: dict[str, Any]) -> bytes:
-    return json.dumps(header, separators=(",", ":")).encode()
+    return _ENCODE(header).encode()
 
 
 def put_parts(message: Message) -> list[tuple[bytes | dict[str, Any], bytes]]:
