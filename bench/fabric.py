@@ -13,6 +13,9 @@ What it measures, all in the same run:
    ``zmqlab.loadgen.run_load``; ``verify`` proves nothing was lost or stored twice.
 2. The ceiling: the same records from 3 client processes that PUSH straight to 3 consumer
    processes, which write the same ``records`` table with the same ``Sink`` (no broker, no acks).
+   Both paths run with the same process settings — zmqlab's frame helpers (``send_frames``,
+   ``recv_frames``) and its garbage-collector setting (``tune_gc``) — so the ratio measures the
+   broker's hops, not Python overheads that only one side had removed.
    1 and 2 alternate ``--repeat`` times; the ratio is taken between the medians, because on a
    small shared machine one run of either can be off by a factor of two.
 3. zmqlab again at half of the median throughput of 1, for the ack latency target.
