@@ -60,7 +60,7 @@ from zmqlab.loadgen import (  # noqa: E402
     verify,
 )
 from zmqlab.node import tune_gc  # noqa: E402
-from zmqlab.topology import Supervisor, Topology, query_status  # noqa: E402
+from zmqlab.topology import Supervisor, Topology, query_status, stop_processes  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PUSH_BATCH_HWM = 100  # messages a PUSH may queue per consumer before it blocks (backpressure)
@@ -108,7 +108,7 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
     """PUSH records straight at the consumers, in the same batches as the zmqlab clients."""
     import zmq
 
-    from zmqlab.node import send_frames, tune_gc  # zmqlab's own frame helper and GC setting
+    from zmqlab.node import send_frames  # zmqlab's own frame helper
 
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
@@ -137,7 +137,7 @@ def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None
     """PULL batches and store them with zmqlab's own Sink, up to 5000 records a transaction."""
     import zmq
 
-    from zmqlab.node import NOBLOCK, recv_frames, tune_gc
+    from zmqlab.node import NOBLOCK, recv_frames
     from zmqlab.store import Batch, Delivery, Sink, make_engine
 
     stopping = []
@@ -253,14 +253,7 @@ def _profile_start(pids: dict[str, list[int]], out_dir: Path) -> list[subprocess
 
 
 def _profile_stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    stop_processes(procs, signal.SIGINT)  # py-spy writes its output on SIGINT
 
 
 # Leaf frames that wait rather than work. py-spy's own idle detection misses them here (it

@@ -20,6 +20,7 @@ from helpers import wait_until
 from sqlalchemy import select
 
 from zmqlab.store import RECORDS, make_engine
+from zmqlab.topology import stop_processes
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).parent
@@ -138,11 +139,4 @@ def test_a_cut_consumer_expires_its_partitions_move_and_it_rejoins(hosts, tmp_pa
         assert set(rows) == set(first) | set(second) | set(third) and len(rows) == 360
     finally:
         engine.dispose()
-        for node in nodes:
-            node.terminate()
-        for node in nodes:
-            try:
-                node.wait(20)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait(5)
+        stop_processes(nodes)

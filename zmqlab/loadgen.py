@@ -325,8 +325,7 @@ class _Client:
                 finally:
                     self._publish_retries()
                 latency = time.monotonic() - sent_at
-                result.acked.update(zip([r.id for r in acks], [r.created_at for r in acks],
-                                        strict=True))
+                result.acked.update({r.id: r.created_at for r in acks})
                 result.latencies.extend([latency] * len(acks))
                 done += n
                 with self.shared.lock:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,18 +160,26 @@ class Supervisor:
         codes: dict[str, int] = {}
         for role in ("producer", "broker", "consumer"):
             group = [c for c in self.children if c.role == role]
+            stop_processes([c.process for c in group], signal.SIGTERM, timeout_s)
             for child in group:
-                if child.process.poll() is None:
-                    child.process.send_signal(signal.SIGTERM)
-            for child in group:
-                try:
-                    child.process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    child.process.kill()
-                    child.process.wait(5)
                 codes[f"{child.role} {child.name}"] = child.process.returncode
                 self.children.remove(child)
         return codes
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[Any]], sig: int = signal.SIGTERM,
+                   timeout_s: float = 20.0) -> None:
+    """Signal every process still running, then wait for each; SIGKILL what outlives the
+    timeout. Signalling all before waiting lets them stop side by side."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(sig)
+    for process in processes:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 def query_status(endpoint: str, timeout_ms: int = 1000) -> dict[str, Any]:
