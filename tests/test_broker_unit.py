@@ -435,3 +435,121 @@ def test_encode_put_sends_a_shared_time_key_and_size_once():
                                      OutRecord(b'{"x":1}', "b", None, 2.0)]))
     assert mixed.header == {"ids": ["a", "b"], "keys": ["k", None],
                             "created_us": [1_000_000, 2_000_000], "sizes": [2, 7]}
+
+
+def replies_to(broker: Broker, who: bytes) -> list[proto.Message]:
+    """Replies the broker queued for producer ``who`` (removed from the outbox)."""
+    mine = [f for side, f in broker.outbox if side == FRONT and f[0] == who]
+    broker.outbox = [(s, f) for s, f in broker.outbox if not (s == FRONT and f[0] == who)]
+    return [proto.decode(f[2:]) for f in mine]
+
+
+def put_parked(broker: Broker, *payloads: bytes, who: bytes = b"req-1") -> None:
+    ids = [f"{who.decode()}-{i}-{broker.counters['waited']}" for i in range(len(payloads))]
+    metas = [[i, None, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
+    broker.handle_frontend([who, b"", *proto.encode(Command.PUT, columns(metas),
+                                                     proto.join_payloads(list(payloads)))],
+                           broker.clock())
+    assert replies_to(broker, who) == []  # parked: the REQ producer waits for its reply
+
+
+def full_broker_with_a_consumer(**options: Any) -> tuple[Broker, Clock, dict[str, Any]]:
+    """One partition of capacity 2, full, its records held by consumer 9090: (broker, clock,
+    the batch the consumer holds)."""
+    broker, clock = make(partitions=1, capacity=2, **options)
+    hello(broker)
+    hello(broker, b"req-2", "8081")
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
+    put(broker, b"{}", b"{}")
+    (records,) = to(broker, "9090")
+    return broker, clock, only_batch(records)
+
+
+def test_a_put_that_does_not_fit_waits_for_room_and_is_stored_once_the_consumer_acks():
+    broker, clock, held = full_broker_with_a_consumer()
+    put_parked(broker, b'{"n":3}')
+    put_parked(broker, b'{"n":4}', who=b"req-2")
+    assert broker.snapshot()["waiting_puts"] == 2 and broker.counters["refused"] == 0
+    clock.now += 0.2
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))
+    broker.unpark(clock.now)
+    (first,) = replies_to(broker, b"req-1")
+    assert first.header == {"acks": [[0, 1, 0, 2]], "dups": [], "errors": []}
+    assert replies_to(broker, b"req-2") == []  # still no room for the second: it waits on
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [1]))
+    broker.unpark(clock.now)
+    assert replies_to(broker, b"req-2")[0].header["acks"] == [[0, 1, 0, 3]]
+    assert broker.snapshot()["waiting_puts"] == 0
+
+
+def test_a_parked_put_is_refused_retryably_when_its_wait_is_over():
+    broker, clock, _ = full_broker_with_a_consumer(put_wait_ms=300)
+    put_parked(broker, b"{}")
+    clock.now += 0.29
+    broker.unpark(clock.now)
+    assert replies_to(broker, b"req-1") == []
+    clock.now += 0.02
+    broker.unpark(clock.now)
+    (reply,) = replies_to(broker, b"req-1")
+    assert [(e[1], e[3]) for e in reply.header["errors"]] == [("PARTITION_FULL", True)]
+
+
+def test_a_put_that_would_fit_waits_behind_an_earlier_parked_one():
+    broker, clock, held = full_broker_with_a_consumer()
+    put_parked(broker, b"{}", b"{}")
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))
+    put_parked(broker, b"{}", who=b"req-2")  # room for it, but the first in line goes first
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [1]))
+    broker.unpark(clock.now)
+    assert len(replies_to(broker, b"req-1")[0].header["acks"]) == 1
+    broker.unpark(clock.now)
+    assert replies_to(broker, b"req-2") == []  # the first took all the room
+
+
+def test_parked_puts_are_told_the_broker_is_stopping():
+    broker, clock, _ = full_broker_with_a_consumer()
+    put_parked(broker, b"{}")
+    broker.stopping_until = clock.now + 10
+    broker.unpark(clock.now)
+    (reply,) = replies_to(broker, b"req-1")
+    assert proto.error_of(reply)[0] == "UNAVAILABLE"
+
+
+def test_without_a_wait_or_a_consumer_a_full_broker_refuses_at_once():
+    broker, _, _ = full_broker_with_a_consumer(put_wait_ms=0)
+    assert put(broker, b"{}").header["errors"][0][1] == "PARTITION_FULL"
+    lonely, _ = make(partitions=1, capacity=1)
+    hello(lonely)
+    put(lonely, b"{}")
+    assert put(lonely, b"{}").header["errors"][0][1] == "PARTITION_FULL"  # nobody makes room
+
+
+def test_a_put_larger_than_the_whole_queue_stores_what_fits_without_waiting():
+    broker, clock = make(partitions=1, capacity=2)
+    hello(broker)
+    consumer_says(broker, "9090", Command.HELLO)
+    reply = put(broker, b"{}", b"{}", b"{}")
+    assert reply.header["acks"] == [[0, 2, 0, 0]]
+    assert [e[1] for e in reply.header["errors"]] == ["PARTITION_FULL"]
+
+
+def test_a_busy_consumer_gets_full_batches_and_the_rest_once_it_acked():
+    broker, _ = make(partitions=1, max_batch=3)
+    hello(broker)
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 100})
+    put(broker, b"{}")
+    (first,) = to(broker, "9090")  # nothing in flight: sent at once
+    assert len(records_of(first)) == 1
+    put(broker, b"{}", b"{}")
+    assert to(broker, "9090") == []  # it is storing one: two more wait for a full batch
+    put(broker, b"{}", b"{}")
+    (full,) = to(broker, "9090")
+    assert len(records_of(full)) == 3
+    assert broker.partitions[0].pending == 1
+    consumer_says(broker, "9090", Command.ACK, ack(0, only_batch(first)["epoch"], [0]))
+    assert to(broker, "9090") == []  # three still in flight
+    (rest,) = consumer_says(broker, "9090", Command.ACK,
+                            ack(0, only_batch(full)["epoch"], [1, 2, 3]))
+    assert len(records_of(rest)) == 1

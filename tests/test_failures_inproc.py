@@ -110,6 +110,39 @@ def test_a_consumer_busy_in_a_long_transaction_is_not_declared_dead(ctx, db_url)
         fabric.stop()
 
 
+def test_a_producer_facing_a_full_queue_waits_for_room_instead_of_being_refused(ctx, db_url):
+    GatedSink.gate.clear()
+    GatedSink.down.clear()
+    fabric = Fabric(ctx, db_url, producers=0, consumers=0, partitions=1, capacity=10,
+                    heartbeat_ms=100, put_wait_ms=4000)
+    fabric.start()
+    consumer = gated_consumer(ctx, fabric)
+    outcome: list[Any] = []
+    try:
+        with fabric.client() as client:
+            client.send_batch([make_record({"n": n}) for n in range(10)])  # the queue is full
+        wait_until(lambda: fabric.status()["partitions"][0]["inflight"] == 10, what="delivery")
+
+        def send_more() -> None:
+            with fabric.client() as late:
+                outcome.append((late.send_batch([make_record({"n": n}) for n in range(10, 15)]),
+                                late.stats["backpressure_retries"]))
+
+        sender = threading.Thread(target=send_more)
+        sender.start()
+        wait_until(lambda: fabric.status()["waiting_puts"] == 1, what="the PUT parked")
+        GatedSink.gate.set()  # the consumer stores and acks: room for the parked PUT
+        sender.join(10)
+        acks, retries = outcome[0]
+        assert len(acks) == 5 and retries == 0
+        wait_until(lambda: len(stored(db_url)) == 15, what="all 15 stored")
+        assert fabric.status()["counters"]["refused"] == 0
+    finally:
+        GatedSink.gate.set()
+        consumer.stop()
+        fabric.stop()
+
+
 def test_while_the_database_is_down_records_stay_queued_and_flow_when_it_returns(ctx, db_url):
     fabric, consumer = gated_fabric(ctx, db_url, 2, gate_open=True, down=True,
                                     retry_initial_s=0.01, retry_max_s=0.05)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -73,6 +73,19 @@ class ProducerState:
     records: int = 0
 
 
+Part = tuple[dict[str, Any] | ProtocolError, bytes]
+"""A PUT part: its parsed header (or why it could not be parsed) and its payload frame."""
+
+
+@dataclass(slots=True)
+class ParkedPut:
+    """A PUT waiting for room, its reply held back: the REQ producer simply waits for it."""
+
+    identity: bytes
+    parts: list[Part]
+    deadline: float
+
+
 class Broker(Node):
     """The broker node; ``start()`` runs it on a thread, ``run()`` in the caller's."""
 
@@ -96,12 +109,13 @@ class Broker(Node):
         self._recent: dict[str, int] = {}
         self._recent_old: dict[str, int] = {}
         self._round_robin = 0
+        self._parked: deque[ParkedPut] = deque()
         self.outbox: list[tuple[str, list[bytes]]] = []
         self.started_at = clock()
         self._next_heartbeat = 0.0
         self.stopping_until: float | None = None  # set by stop(): drain, then exit
         self.counters = {"put": 0, "duplicates": 0, "refused": 0, "delivered": 0, "acked": 0,
-                         "released": 0, "expired": 0, "dead": 0}
+                         "released": 0, "expired": 0, "dead": 0, "waited": 0}
 
     # -- loop --------------------------------------------------------------------------------
     def serve(self, control: zmq.Socket[Any]) -> None:
@@ -130,7 +144,8 @@ class Broker(Node):
         tick_s = self.config.tick_ms / 1000
         next_tick = self.clock()
         while True:
-            timeout_ms = max(0, int((next_tick - self.clock()) * 1000))
+            wake = min(next_tick, self._parked[0].deadline) if self._parked else next_tick
+            timeout_ms = max(0, int((wake - self.clock()) * 1000))
             events = dict(poller.poll(timeout_ms))
             now = self.clock()
             if control in events:
@@ -138,7 +153,9 @@ class Broker(Node):
                 self.stopping_until = now + self.config.drain_timeout_s
                 self.log.info("broker stopping: refusing new records, draining for up to %.0f s",
                               self.config.drain_timeout_s)
+                self.unpark(now)  # parked PUTs learn at once that the broker is going away
             if self.stopping_until is not None and self._drained(now):
+                self._flush(frontend, backend, now)
                 return
             if frontend in events:
                 self._drain(frontend, self.handle_frontend, now)
@@ -147,6 +164,8 @@ class Broker(Node):
             if now >= next_tick:
                 self.tick(now)
                 next_tick = now + tick_s
+            if self._parked:
+                self.unpark(now)
             self.dispatch(now)
             self._flush(frontend, backend, now)
 
@@ -188,25 +207,34 @@ class Broker(Node):
         except ProtocolError as exc:
             self.log.warning("frontend: dropped malformed envelope: %s", exc.reason)
             return
+        self._answer(identity, self._request, identity, body, now)
+
+    def _answer(self, identity: bytes, handle: Callable[..., list[bytes] | None],
+                *args: Any) -> None:
+        """Send ``handle(*args)``'s reply (None: a parked PUT, answered later), or its ERR."""
         try:
-            message = proto.decode(body)
-            handler = {
-                Command.HELLO: self._hello_producer,
-                Command.PUT: self._put,
-                Command.HEARTBEAT: self._heartbeat_producer,
-                Command.BYE: self._bye_producer,
-                Command.STATS: self._stats,
-            }.get(message.command)
-            if handler is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
-                                    f"{message.command.name} is not a producer command")
-            reply = handler(identity, message, now)
+            reply = handle(*args)
         except ProtocolError as exc:
             reply = proto.encode_err(exc.code, exc.reason)
         except Exception as exc:  # keep serving; the client learns something went wrong
             self.log.exception("frontend: internal error")
             reply = proto.encode_err(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        self._send(FRONT, identity, reply)
+        if reply is not None:
+            self._send(FRONT, identity, reply)
+
+    def _request(self, identity: bytes, body: list[bytes], now: float) -> list[bytes] | None:
+        message = proto.decode(body)
+        handler = {
+            Command.HELLO: self._hello_producer,
+            Command.PUT: self._put,
+            Command.HEARTBEAT: self._heartbeat_producer,
+            Command.BYE: self._bye_producer,
+            Command.STATS: self._stats,
+        }.get(message.command)
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
+                                f"{message.command.name} is not a producer command")
+        return handler(identity, message, now)
 
     def _hello_producer(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
         name = proto.require(message.header, "name", str)
@@ -262,19 +290,88 @@ class Broker(Node):
         self.log.info("broker stopped")
         return True
 
-    def _put(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
-        """Store every part of a PUT; answer with one ACK body per part, in order."""
-        producer = self._registered_producer(identity, now)
+    def _put(self, identity: bytes, message: proto.Message, now: float) -> list[bytes] | None:
+        """Store a PUT now, or park it (no reply yet) while the records it brings do not fit.
+
+        Waiting for room instead of refusing at once is the broker's backpressure: a producer
+        whose records would be refused PARTITION_FULL waits up to ``put_wait_ms`` for
+        consumers to acknowledge, spending no CPU, instead of resending refused records in a
+        loop and taking the CPU the consumers need to make that room.
+        """
+        self._registered_producer(identity, now)
+        self._check_open()
+        parts: list[Part] = []
+        for header, blob in proto.put_parts(message):
+            try:
+                parts.append((proto.parse_header(header), blob))
+            except ProtocolError as exc:
+                parts.append((exc, blob))
+        if self._parked or self._must_wait(parts):
+            self._parked.append(ParkedPut(identity, parts, now + self.config.put_wait_ms / 1000))
+            self.counters["waited"] += 1
+            return None
+        return self._store_parts(identity, parts, now)
+
+    def _check_open(self) -> None:
         if self.stopping_until is not None:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the broker is shutting down")
         waiting = self._not_ready()
         if waiting is not None:
             raise ProtocolError(ErrorCode.NOT_READY, waiting)
-        parts = proto.put_parts(message)
+
+    def unpark(self, now: float) -> None:
+        """Answer parked PUTs, oldest first, once they fit or their wait is over."""
+        while self._parked:
+            parked = self._parked[0]
+            if (now < parked.deadline and self.stopping_until is None
+                    and self._must_wait(parked.parts)):
+                return
+            self._parked.popleft()
+            self._answer(parked.identity, self._store_parts, parked.identity, parked.parts, now)
+
+    def _must_wait(self, parts: list[Part]) -> bool:
+        """True while some of these records would be refused for lack of room that consumers
+        can still make (a part too big for the empty partitions goes through at once)."""
+        if not self.config.put_wait_ms or not self.consumers:
+            return False
+        count = len(self.partitions)
+        keyless = 0
+        keyed: Counter[int] = Counter()
+        for header, _ in parts:
+            if isinstance(header, ProtocolError):
+                continue
+            ids, keys = header.get("ids"), header.get("keys")
+            if not isinstance(ids, list):
+                continue
+            if keys is None or not isinstance(keys, str | list):
+                keyless += len(ids)
+            elif isinstance(keys, str):
+                keyed[zlib.crc32(keys.encode()) % count] += len(ids)
+            else:
+                for key in keys:
+                    if isinstance(key, str):
+                        keyed[zlib.crc32(key.encode()) % count] += 1
+                    else:
+                        keyless += 1
+        capacity = self.config.capacity
+        if (keyless + sum(keyed.values()) > capacity * count
+                or max(keyed.values(), default=0) > capacity):
+            return False  # it can never fit whole: store what fits now, refuse the rest
+        rooms = [p.room for p in self.partitions]
+        if any(n > rooms[number] for number, n in keyed.items()):
+            return True
+        return keyless > sum(rooms) - sum(keyed.values())
+
+    def _store_parts(self, identity: bytes, parts: list[Part], now: float) -> list[bytes]:
+        """Store every part of a PUT; answer with one ACK body per part, in order."""
+        producer = self._registered_producer(identity, now)
+        self._check_open()
         bodies: list[bytes] = []
         for header, blob in parts:
             try:
-                body = self._put_part(proto.parse_header(header), blob, producer)
+                if isinstance(header, ProtocolError):
+                    raise header
+                body = self._put_part(header, blob, producer)
             except ProtocolError as exc:  # this part as a whole: the others still count
                 if len(parts) == 1:
                     raise
@@ -600,14 +697,20 @@ class Broker(Node):
 
         One RECORDS message per consumer carries a batch from each of its ready partitions
         (up to ``max_batch`` records in all), so the message count does not grow with the
-        number of partitions a consumer owns.
+        number of partitions a consumer owns. A consumer with nothing in flight gets what is
+        pending at once; one that is still storing gets only full batches (Nagle's rule): it
+        cannot use records sooner than its transaction ends, and a few large messages cost
+        both sides far less than many small ones (with 6 consumers sharing a partition's
+        flow, a sixth of the consumer CPU). What is left goes when its in-flight records
+        are acknowledged, so the wait is bounded by one transaction.
         """
         max_batch = self.config.max_batch
         for state in self.consumers.values():
             owned = [p for p in self.partitions if p.owner == state.name]
             if not owned:
                 continue
-            available = state.credit - sum(p.inflight for p in owned)
+            inflight = sum(p.inflight for p in owned)
+            available = state.credit - inflight
             ready = [p for p in owned if not p.draining and p.pending]
             if available <= 0 or not ready:
                 continue
@@ -616,6 +719,8 @@ class Broker(Node):
             order = ready[start:] + ready[:start]
             while available > 0:
                 budget = min(available, max_batch)
+                if inflight and sum(p.pending for p in order) < budget:
+                    break
                 batches: list[tuple[Partition, Taken]] = []
                 for partition in order:
                     taken = partition.take(budget)
@@ -626,7 +731,9 @@ class Broker(Node):
                             break
                 if not batches:
                     break
-                available -= sum(len(taken.ids) for _, taken in batches)
+                sent = sum(len(taken.ids) for _, taken in batches)
+                available -= sent
+                inflight += sent
                 self._send_records(state, batches)
 
     def _send_records(self, state: ConsumerState, batches: list[tuple[Partition, Taken]]) -> None:
@@ -688,5 +795,6 @@ class Broker(Node):
             "waiting": self._not_ready(),
             "partitions": partitions, "consumers": consumers, "producers": producers,
             "counters": dict(self.counters),
+            "waiting_puts": len(self._parked),
             "held_ids": len(self._held),
         }

@@ -28,6 +28,7 @@ from zmqlab.config import (
     ProducerConfig,
 )
 from zmqlab.consumer import Consumer
+from zmqlab.dashboard import producers_title
 from zmqlab.errors import ZmqlabError
 from zmqlab.node import Node, tune_gc
 from zmqlab.producer import Producer, RecordsRefused
@@ -89,6 +90,7 @@ def broker(
     capacity: Annotated[int, typer.Option(min=1, help="Records each partition holds.")] = 10_000,
     expect_producers: Annotated[int, typer.Option(min=0, help="Refuse records until this many producers registered.")] = 0,
     expect_consumers: Annotated[int, typer.Option(min=0, help="Refuse records until this many consumers registered.")] = 0,
+    put_wait_ms: Annotated[int, typer.Option(min=0, help="How long a PUT that does not fit waits for room before its records are refused PARTITION_FULL (0: refuse at once). Keep it under the producers' --timeout-ms.")] = 500,
     heartbeat_ms: HeartbeatMs = 1000,
     liveness: Liveness = 3,
     log_level: LogLevel = "info",
@@ -98,8 +100,8 @@ def broker(
     _setup_logs(log_level, log_json)
     config = _config(BrokerConfig, frontend=frontend, backend=backend, partitions=partitions,
                      capacity=capacity, expect_producers=expect_producers,
-                     expect_consumers=expect_consumers, heartbeat_ms=heartbeat_ms,
-                     liveness=liveness)
+                     expect_consumers=expect_consumers, put_wait_ms=put_wait_ms,
+                     heartbeat_ms=heartbeat_ms, liveness=liveness)
     _serve(Broker(config))
 
 
@@ -280,7 +282,7 @@ def render_status(snap: dict[str, Any]) -> Table:
         consumers.add_row(c["name"], " ".join(f"Q{p + 1}" for p in c["partitions"]) or "-",
                           str(c["inflight"]), str(c["acked"]), f"{c['last_seen_s']:.1f} s ago")
     grid.add_row(consumers)
-    producers = Table(title="producers")
+    producers = Table(title=producers_title(snap))
     for column in ("producer", "records", "last seen"):
         producers.add_column(column)
     for pr in snap["producers"]:

@@ -41,6 +41,8 @@ class BrokerConfig:
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     dedupe_window: int = 100_000  # acknowledged ids remembered for retries (up to twice this)
     drain_timeout_s: float = 10.0  # on stop: keep delivering until stored, at most this long
+    put_wait_ms: int = 500  # a PUT that does not fit waits this long for room (0: refuse now);
+    # keep it well under the producers' reply timeout (2500 ms by default)
     tick_ms: int = 100
 
     def __post_init__(self) -> None:
@@ -56,6 +58,7 @@ class BrokerConfig:
         _positive("max_payload_bytes", self.max_payload_bytes, 2)
         _positive("dedupe_window", self.dedupe_window, 0)
         _positive("drain_timeout_s", self.drain_timeout_s, 0)
+        _positive("put_wait_ms", self.put_wait_ms, 0)
         _positive("tick_ms", self.tick_ms)
 
     @property

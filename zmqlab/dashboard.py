@@ -76,6 +76,12 @@ def _per_s(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}/s"
 
 
+def producers_title(snap: dict[str, Any]) -> str:
+    """The producers table's title; says when PUTs are parked, waiting for room in the queue."""
+    waiting = snap.get("waiting_puts", 0)
+    return "producers" + (f" — {waiting} PUT(s) waiting for room" if waiting else "")
+
+
 def _depth_bar(depth: int, capacity: int) -> Table:
     grid = Table.grid(padding=(0, 1))
     grid.add_row(ProgressBar(total=max(capacity, 1), completed=depth, width=20),
@@ -117,7 +123,7 @@ def render(snap: dict[str, Any] | None, rates: Rates, broker: str,
                           str(c["inflight"]), str(c.get("credit", "-")),
                           _per_s(rates.consumer_acked.get(c["name"])),
                           f"{c['last_seen_s']:.1f} s ago")
-    producers = Table(title="producers", style=style, title_justify="left")
+    producers = Table(title=producers_title(snap), style=style, title_justify="left")
     for column in ("producer", "records", "total", "last seen"):
         producers.add_column(column)
     for pr in snap["producers"]:
