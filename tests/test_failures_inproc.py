@@ -143,6 +143,46 @@ def test_a_producer_facing_a_full_queue_waits_for_room_instead_of_being_refused(
         fabric.stop()
 
 
+def test_a_consumer_waiting_for_the_writer_turn_stores_what_piled_up_in_one_transaction(
+        ctx, db_url):
+    import fcntl
+
+    fabric = Fabric(ctx, db_url, producers=0, consumers=1, partitions=1, heartbeat_ms=100,
+                    max_batch=2)
+    fabric.start()
+    other = open(db_url.removeprefix("sqlite:///") + ".zmqlab-lock", "a+b")  # another writer
+    try:
+        consumer = fabric.consumers["9090"]
+        with fabric.client() as client:
+            client.send_batch([make_record({"n": -1})])  # the consumer opens its database
+            wait_until(lambda: consumer.stats["acked"] == 1, what="the first record stored")
+            fcntl.flock(other, fcntl.LOCK_EX)
+            for n in range(7):  # one batch at once, then full batches of 2 while it waits
+                client.send_batch([make_record({"n": n})])
+        wait_until(lambda: consumer.stats["received"] == 8, what="all 7 at the consumer")
+        fcntl.flock(other, fcntl.LOCK_UN)
+        wait_until(lambda: len(stored(db_url)) == 8, what="all 7 stored")
+        later = [r for r in stored(db_url) if r["payload"]["n"] >= 0]
+        assert len({row["stored_at"] for row in later}) == 1  # in one transaction
+    finally:
+        other.close()
+        fabric.stop()
+
+
+def test_a_consumer_reports_a_database_it_cannot_open_at_start_before_any_record(ctx,
+                                                                                 tmp_path):
+    fabric = Fabric(ctx, f"sqlite:///{tmp_path}/no/such/dir/zmqlab.db", producers=0,
+                    consumers=1, partitions=1, heartbeat_ms=100)
+    fabric.start()
+    try:
+        consumer = fabric.consumers["9090"]
+        wait_until(lambda: consumer.snapshot()["sink_error"], what="the database error")
+        assert "unable to open database file" in consumer.snapshot()["sink_error"]
+        assert consumer.stats["received"] == 0
+    finally:
+        fabric.stop()
+
+
 def test_while_the_database_is_down_records_stay_queued_and_flow_when_it_returns(ctx, db_url):
     fabric, consumer = gated_fabric(ctx, db_url, 2, gate_open=True, down=True,
                                     retry_initial_s=0.01, retry_max_s=0.05)

@@ -98,3 +98,19 @@ def test_sqlite_datetime_text_is_what_strftime_gives(timestamp):
 
     expected = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     assert _sqlite_datetime(timestamp) == expected
+
+
+def test_a_held_writer_turn_outlasts_the_transactions_inside_it(db_url):
+    import fcntl
+
+    sink = Sink.open(db_url, "9090")
+    other = open(db_url.removeprefix("sqlite:///") + ".zmqlab-lock", "a+b")  # another writer
+    try:
+        with sink.turn():
+            sink.store([Batch(0, 1, [delivery(0)])])
+            with pytest.raises(BlockingIOError):  # the inner transaction did not release it
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the outer turn
+    finally:
+        other.close()
+        sink.close()

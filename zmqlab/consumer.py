@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,70 +291,97 @@ class Consumer(Node):
         bell.connect(self._bell_endpoint)
         sink: Sink | None = None
         try:
+            # Open the database now rather than on the first batch: the first records do not
+            # wait for an engine and the schema check, and a database that is not there is
+            # reported at start (the first batch tries again).
+            try:
+                sink = self.sink_factory()
+            except Exception as exc:
+                self._unavailable(exc, 0, self.config.retry_initial_s, bell)
             while True:
                 first = self._jobs.get()
                 if first is None:
                     return
-                batches = [first]
-                count = len(first.deliveries)
-                while count < MAX_RECORDS_PER_TRANSACTION:
-                    try:
-                        more = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        self._jobs.put(None)
-                        break
-                    batches.append(more)
-                    count += len(more.deliveries)
-                sink = self._store(sink, batches, bell)
+                # Wait for the writer's turn first, then take everything queued by then: while
+                # other consumers of a SQLite file write, batches pile up here, so each
+                # transaction grows with the contention instead of each consumer committing
+                # its sixth of the flow in small ones (with 6 consumers: half the transactions,
+                # +10 % throughput). Only the first try holds the turn; retries wait outside.
+                with sink.turn() if sink is not None else nullcontext():
+                    pending = self._progress(self._gather(first))
+                    sink, pending = self._attempt(sink, pending, bell)
+                if pending:
+                    sink = self._retry(sink, pending, bell)
         finally:
             if sink is not None:
                 sink.close()
             bell.close(0)
 
-    def _store(self, sink: Sink | None, batches: list[Batch], bell: zmq.Socket[Any]) -> Sink | None:
-        """Store until every record is settled; back off while the database is unavailable.
+    def _gather(self, first: Batch) -> list[Batch]:
+        """``first`` and whatever else is queued, up to one transaction's worth."""
+        batches = [first]
+        count = len(first.deliveries)
+        while count < MAX_RECORDS_PER_TRANSACTION:
+            try:
+                more = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:  # stopping: leave the marker for the loop
+                self._jobs.put(None)
+                break
+            batches.append(more)
+            count += len(more.deliveries)
+        return batches
 
-        Gives up only when the node stops: unacknowledged records are then redelivered.
-        """
-        pending = [_Progress(b, list(b.deliveries)) for b in batches]
+    @staticmethod
+    def _progress(batches: list[Batch]) -> list[_Progress]:
+        return [_Progress(b, list(b.deliveries)) for b in batches]
+
+    def _retry(self, sink: Sink | None, pending: list[_Progress],
+               bell: zmq.Socket[Any]) -> Sink | None:
+        """Try again with backoff until every record is settled, while the database is
+        unavailable or a record fails on its own. Gives up only when the node stops:
+        unacknowledged records are then redelivered."""
         delay = self.config.retry_initial_s
         while pending:
-            try:
-                if sink is None:
-                    sink = self.sink_factory()
-                outcomes = sink.store([Batch(p.batch.partition, p.batch.epoch, p.remaining,
-                                             p.batch.session) for p in pending])
-            except Exception as exc:  # SinkUnavailable, a database that cannot be opened, a bug
-                if not isinstance(exc, ZmqlabError):
-                    self.log.exception("unexpected error while storing; retrying")
-                held = sum(len(p.remaining) for p in pending)
-                self.log.warning("database unavailable, holding %d record(s), retry in %.1f s: %s",
-                                 held, delay, exc)
-                self._post(bell, SinkHealth(str(exc)))
-                if self._stopping.wait(delay):
-                    return sink
-                delay = min(delay * 2, self.config.retry_max_s)
-                continue
-            self._post(bell, SinkHealth(None))
-            still: list[_Progress] = []
-            for progress, outcome in zip(pending, outcomes, strict=True):
-                progress.inserted += outcome.inserted
-                progress.duplicates += outcome.duplicates
-                progress.dead += outcome.dead
-                progress.remaining = outcome.failed
-                if outcome.done:
-                    self._post(bell, Result(progress.batch, progress.inserted,
-                                            progress.duplicates, progress.dead))
-                else:
-                    still.append(progress)
-            pending = still
-            if pending:  # a record failed on its own: try it again after a pause
-                if self._stopping.wait(delay):
-                    return sink
-                delay = min(delay * 2, self.config.retry_max_s)
+            if self._stopping.wait(delay):
+                return sink
+            delay = min(delay * 2, self.config.retry_max_s)
+            sink, pending = self._attempt(sink, pending, bell, delay)
         return sink
+
+    def _attempt(self, sink: Sink | None, pending: list[_Progress], bell: zmq.Socket[Any],
+                 next_delay: float | None = None) -> tuple[Sink | None, list[_Progress]]:
+        """One try at storing what is pending; ACK what got settled; return what is left."""
+        try:
+            if sink is None:
+                sink = self.sink_factory()
+            outcomes = sink.store([Batch(p.batch.partition, p.batch.epoch, p.remaining,
+                                         p.batch.session) for p in pending])
+        except Exception as exc:  # SinkUnavailable, a database that cannot be opened, a bug
+            self._unavailable(exc, sum(len(p.remaining) for p in pending),
+                              next_delay or self.config.retry_initial_s, bell)
+            return sink, pending
+        self._post(bell, SinkHealth(None))
+        still: list[_Progress] = []
+        for progress, outcome in zip(pending, outcomes, strict=True):
+            progress.inserted += outcome.inserted
+            progress.duplicates += outcome.duplicates
+            progress.dead += outcome.dead
+            progress.remaining = outcome.failed
+            if outcome.done:
+                self._post(bell, Result(progress.batch, progress.inserted,
+                                        progress.duplicates, progress.dead))
+            else:  # a record failed on its own: it is tried again after a pause
+                still.append(progress)
+        return sink, still
+
+    def _unavailable(self, exc: Exception, held: int, delay: float, bell: zmq.Socket[Any]) -> None:
+        if not isinstance(exc, ZmqlabError):
+            self.log.error("unexpected error from the database; retrying", exc_info=exc)
+        self.log.warning("database unavailable, holding %d record(s), retry in %.1f s: %s",
+                         held, delay, exc)
+        self._post(bell, SinkHealth(str(exc)))
 
     def _post(self, bell: zmq.Socket[Any], item: Result | SinkHealth) -> None:
         if isinstance(item, SinkHealth):  # only changes of health travel
