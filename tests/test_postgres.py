@@ -37,3 +37,15 @@ def test_postgresql_sink_is_idempotent_and_dead_letters_what_jsonb_refuses(pg_ur
         assert dead["id"] == "nul-1"
         assert "unsupported Unicode escape" in dead["last_error"]
     sink.close()
+
+
+def test_postgresql_counts_duplicates_per_batch_in_a_call_with_several(pg_url):
+    sink = Sink.open(pg_url, "9091")
+
+    def record(n: int, attempt: int = 1) -> Delivery:
+        return Delivery(n % 2, n, f"multi-{n}", None, "8080", 1_700_000_000.5, attempt, b"{}")
+
+    sink.store([Batch(1, 1, [record(1)])])
+    outcomes = sink.store([Batch(0, 1, [record(0), record(2)]), Batch(1, 2, [record(1, 2)])])
+    assert [(o.inserted, o.duplicates) for o in outcomes] == [(2, 0), (0, 1)]
+    sink.close()

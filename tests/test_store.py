@@ -114,3 +114,15 @@ def test_a_held_writer_turn_outlasts_the_transactions_inside_it(db_url):
     finally:
         other.close()
         sink.close()
+
+
+def test_one_call_with_several_batches_counts_each_batchs_duplicates(db_url):
+    sink = Sink.open(db_url, "9090")
+    sink.store([Batch(1, 1, [delivery(1), delivery(2)])])
+    twice = Delivery(0, 9, "id3", None, "8080", 1_700_000_000.0, 1, b'{"again": 1}')
+    outcomes = sink.store([Batch(0, 1, [delivery(0), delivery(3)]),
+                           Batch(1, 2, [delivery(1, attempt=2), delivery(2, attempt=2)]),
+                           Batch(2, 1, [delivery(4), twice])])
+    assert [(o.inserted, o.duplicates) for o in outcomes] == [(2, 0), (0, 2), (1, 1)]
+    assert sorted(r["id"] for r in rows(sink)) == ["id0", "id1", "id2", "id3", "id4"]
+    sink.close()
