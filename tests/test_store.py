@@ -126,3 +126,25 @@ def test_one_call_with_several_batches_counts_each_batchs_duplicates(db_url):
     assert [(o.inserted, o.duplicates) for o in outcomes] == [(2, 0), (0, 2), (1, 1)]
     assert sorted(r["id"] for r in rows(sink)) == ["id0", "id1", "id2", "id3", "id4"]
     sink.close()
+
+
+def test_a_sqlite_sink_checkpoints_the_wal_itself_once_it_handed_the_turn_over(db_url,
+                                                                               monkeypatch):
+    import os
+
+    from zmqlab import store
+
+    monkeypatch.setattr(store, "CHECKPOINT_ROWS", 300)
+    sink = Sink.open(db_url, "9090")
+    path = db_url.removeprefix("sqlite:///")
+    with sink.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    before = os.path.getsize(path)
+    sink.store([Batch(0, 1, [delivery(n) for n in range(200)])])
+    assert os.path.getsize(path) == before  # not due: the rows are in the WAL only
+    with sink.turn():
+        sink.store([Batch(0, 1, [delivery(n) for n in range(200, 400)])])
+        assert os.path.getsize(path) == before  # due, but others would wait for this turn
+    assert os.path.getsize(path) > before  # checkpointed after handing the turn over
+    assert len(rows(sink)) == 400
+    sink.close()
