@@ -553,3 +553,23 @@ def test_a_busy_consumer_gets_full_batches_and_the_rest_once_it_acked():
     (rest,) = consumer_says(broker, "9090", Command.ACK,
                             ack(0, only_batch(full)["epoch"], [1, 2, 3]))
     assert len(records_of(rest)) == 1
+
+
+def test_a_keyed_put_waits_for_room_in_its_own_partition_even_if_others_have_some():
+    import zlib
+
+    broker, clock = make(partitions=2, capacity=1)
+    hello(broker)
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
+    number = zlib.crc32(b"k") % 2
+    put(broker, b"{}", key="k")  # fills the key's partition; the other one stays empty
+    (held,) = to(broker, "9090")
+    metas = [["second", "k", 1_000_000, 2]]
+    broker.handle_frontend([b"req-1", b"", *proto.encode(Command.PUT, columns(metas), [b"{}"])],
+                           clock.now)
+    assert replies_to(broker, b"req-1") == [] and broker.partitions[1 - number].depth == 0
+    consumer_says(broker, "9090", Command.ACK, ack(number, only_batch(held)["epoch"], [0]))
+    broker.unpark(clock.now)
+    (reply,) = replies_to(broker, b"req-1")
+    assert reply.header["acks"] == [[0, 1, number, 1]]
