@@ -23,7 +23,7 @@ import zmq
 
 from zmqlab import protocol as proto
 from zmqlab.assignment import consumer_order, round_robin
-from zmqlab.config import BrokerConfig
+from zmqlab.config import REPLY_TIMEOUT_MS, BrokerConfig
 from zmqlab.errors import ProtocolError
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames
 from zmqlab.partition import Partition, Taken
@@ -130,6 +130,11 @@ class Broker(Node):
             self.log.info("broker listening frontend=%s backend=%s partitions=%d capacity=%d",
                           self.config.frontend, self.config.backend, self.config.partitions,
                           self.config.capacity)
+            if self.config.put_wait_ms >= REPLY_TIMEOUT_MS:
+                self.log.warning(
+                    "put-wait-ms=%d is not under the producers' default reply timeout (%d ms): "
+                    "a producer may give up on a parked PUT and send it again (stored once, "
+                    "but sent twice)", self.config.put_wait_ms, REPLY_TIMEOUT_MS)
             self.bound()
             self._loop(control, frontend, backend)
         finally:

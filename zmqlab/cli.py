@@ -23,6 +23,7 @@ from zmqlab.config import (
     DEFAULT_BACKEND,
     DEFAULT_DB_URL,
     DEFAULT_FRONTEND,
+    REPLY_TIMEOUT_MS,
     BrokerConfig,
     ConsumerConfig,
     ProducerConfig,
@@ -111,7 +112,7 @@ def producer(
     host: Annotated[str, typer.Option(help="Interface to bind the ingress on.")] = "*",
     broker: Annotated[str, typer.Option(help="The broker's frontend.")] = "tcp://127.0.0.1:5555",
     name: Annotated[str | None, typer.Option(help="Producer name (default: the port).")] = None,
-    timeout_ms: Annotated[int, typer.Option(min=10, help="Broker reply timeout.")] = 2500,
+    timeout_ms: Annotated[int, typer.Option(min=10, help="Broker reply timeout.")] = REPLY_TIMEOUT_MS,
     retries: Annotated[int, typer.Option(min=0, help="Reconnects before clients get UNAVAILABLE.")] = 3,
     heartbeat_ms: HeartbeatMs = 1000,
     log_level: LogLevel = "info",
@@ -212,7 +213,7 @@ def send(
     to: Annotated[str, typer.Option(help="A producer service (or the broker's frontend).")] = "tcp://127.0.0.1:8080",
     key: Annotated[str | None, typer.Option(help="Partition key (same key, same partition).")] = None,
     id: Annotated[str | None, typer.Option("--id", help="Record id (default: a new UUID).")] = None,
-    timeout_ms: Annotated[int, typer.Option(min=10)] = 2500,
+    timeout_ms: Annotated[int, typer.Option(min=10)] = REPLY_TIMEOUT_MS,
     retries: Annotated[int, typer.Option(min=0)] = 2,
 ) -> None:
     """Send one record and print its acknowledgement."""
@@ -340,7 +341,7 @@ def dead_replay(
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy database URL.")] = DEFAULT_DB_URL,
     to: Annotated[str, typer.Option(help="A producer service (or the broker's frontend).")] = "tcp://127.0.0.1:8080",
     id: Annotated[list[str] | None, typer.Option("--id", help="Only these ids (repeatable).")] = None,
-    timeout_ms: Annotated[int, typer.Option(min=10)] = 2500,
+    timeout_ms: Annotated[int, typer.Option(min=10)] = REPLY_TIMEOUT_MS,
     retries: Annotated[int, typer.Option(min=0)] = 3,
 ) -> None:
     """Put dead letters back in the queue (all, or --id ones); each is deleted once acked."""

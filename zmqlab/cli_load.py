@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from zmqlab.config import DEFAULT_DB_URL
+from zmqlab.config import DEFAULT_DB_URL, REPLY_TIMEOUT_MS
 from zmqlab.errors import ConfigError, ZmqlabError
 from zmqlab.loadgen import (
     DEFAULT_ENDPOINTS,
@@ -178,7 +178,7 @@ def load(
     keys: Annotated[int, typer.Option(min=0, help="Spread records over this many keys; 0 = no key.")] = 0,  # noqa: E501
     deadline: Annotated[float, typer.Option(min=0.01, help="Stop sending after this many seconds.")] = 60.0,  # noqa: E501
     batch: Annotated[int, typer.Option(min=1, help="Records per request from one client.")] = 50,
-    timeout_ms: Annotated[int, typer.Option(min=10, help="Reply timeout per try.")] = 2500,
+    timeout_ms: Annotated[int, typer.Option(min=10, help="Reply timeout per try.")] = REPLY_TIMEOUT_MS,  # noqa: E501
     retries: Annotated[int, typer.Option(min=0, help="Reconnects per endpoint before failing over.")] = 2,  # noqa: E501
     verify_db: Annotated[str | None, typer.Option("--verify", help="Database URL: check that every acknowledged record was stored once.")] = None,  # noqa: E501
     verify_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for the database to catch up.")] = 30.0,  # noqa: E501

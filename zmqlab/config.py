@@ -27,6 +27,9 @@ def _endpoint(name: str, value: str) -> None:
                           f"got {value!r}")
 
 
+REPLY_TIMEOUT_MS = 2500  # how long producers and clients wait for a reply before retrying
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     frontend: str = DEFAULT_FRONTEND
@@ -73,7 +76,7 @@ class ProducerConfig:
     name: str
     broker: str = "tcp://127.0.0.1:5555"
     ingress: str | None = None  # e.g. tcp://*:8080; None for an embedded forwarder
-    timeout_ms: int = 2500
+    timeout_ms: int = REPLY_TIMEOUT_MS
     retries: int = 3
     heartbeat_ms: int = 1000
     max_batch: int = 1000  # records per PUT to the broker

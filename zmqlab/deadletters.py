@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 from sqlalchemy import delete, select
 
+from zmqlab.config import REPLY_TIMEOUT_MS
 from zmqlab.producer import Ack, OutRecord, Producer, RecordsRefused, Refusal
 from zmqlab.store import DEAD_LETTERS, make_engine
 
@@ -41,7 +42,7 @@ class ReplayReport:
 
 
 def replay(db_url: str, to: str, ids: Sequence[str] = (), *, limit: int = 10_000,
-           timeout_ms: int = 2500, retries: int = 3,
+           timeout_ms: int = REPLY_TIMEOUT_MS, retries: int = 3,
            context: zmq.Context[Any] | None = None) -> ReplayReport:
     """Re-queue dead letters (all, or the given ids) through ``to``; delete what was acked."""
     rows = list_dead(db_url, ids, limit)

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 from sqlalchemy import func, select
 
+from zmqlab.config import REPLY_TIMEOUT_MS
 from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ZmqlabError
 from zmqlab.producer import OutRecord, Producer, RecordsRefused
 from zmqlab.store import DEAD_LETTERS, RECORDS, make_engine
@@ -74,7 +75,7 @@ class LoadOptions:
     keys: int = 0  # records spread over this many keys; 0 = no key (round-robin)
     deadline_s: float = 60.0
     batch: int = 50  # records per PUT from one client
-    timeout_ms: int = 2500  # per try, as the Producer client's Lazy Pirate
+    timeout_ms: int = REPLY_TIMEOUT_MS  # per try, as the Producer client's Lazy Pirate
     retries: int = 2  # reconnects per endpoint before failing over to the next
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from zmqlab import protocol as proto
-from zmqlab.config import ProducerConfig
+from zmqlab.config import REPLY_TIMEOUT_MS, ProducerConfig
 from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ProtocolError
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames, serve_requests
 from zmqlab.protocol import Command, ErrorCode
@@ -109,7 +109,7 @@ class Producer:
     """A blocking client for the broker's frontend or a producer service's ingress."""
 
     def __init__(self, endpoint: str, *, name: str | None = None,
-                 context: zmq.Context[Any] | None = None, timeout_ms: int = 2500,
+                 context: zmq.Context[Any] | None = None, timeout_ms: int = REPLY_TIMEOUT_MS,
                  retries: int = 3, deadline_s: float = 30.0, backoff_initial_s: float = 0.01,
                  backoff_max_s: float = 0.5) -> None:
         if "://" not in endpoint:
