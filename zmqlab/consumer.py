@@ -297,7 +297,7 @@ class Consumer(Node):
             try:
                 sink = self.sink_factory()
             except Exception as exc:
-                self._unavailable(exc, 0, self.config.retry_initial_s, bell)
+                self._unavailable(exc, 0, None, bell)
             while True:
                 first = self._jobs.get()
                 if first is None:
@@ -305,8 +305,8 @@ class Consumer(Node):
                 # Wait for the writer's turn first, then take everything queued by then: while
                 # other consumers of a SQLite file write, batches pile up here, so each
                 # transaction grows with the contention instead of each consumer committing
-                # its sixth of the flow in small ones (with 6 consumers: half the transactions,
-                # +10 % throughput). Only the first try holds the turn; retries wait outside.
+                # its sixth of the flow in small ones (with 6 consumers: half as many
+                # transactions). Only the first try holds the turn; retries wait outside.
                 with sink.turn() if sink is not None else nullcontext():
                     pending = self._progress(self._gather(first))
                     sink, pending = self._attempt(sink, pending, bell)
@@ -376,11 +376,16 @@ class Consumer(Node):
                 still.append(progress)
         return sink, still
 
-    def _unavailable(self, exc: Exception, held: int, delay: float, bell: zmq.Socket[Any]) -> None:
+    def _unavailable(self, exc: Exception, held: int, delay: float | None,
+                     bell: zmq.Socket[Any]) -> None:
         if not isinstance(exc, ZmqlabError):
             self.log.error("unexpected error from the database; retrying", exc_info=exc)
-        self.log.warning("database unavailable, holding %d record(s), retry in %.1f s: %s",
-                         held, delay, exc)
+        if delay is None:
+            self.log.warning("database unavailable at start (tried again with the first "
+                             "records): %s", exc)
+        else:
+            self.log.warning("database unavailable, holding %d record(s), retry in %.1f s: %s",
+                             held, delay, exc)
         self._post(bell, SinkHealth(str(exc)))
 
     def _post(self, bell: zmq.Socket[Any], item: Result | SinkHealth) -> None:
