@@ -495,16 +495,52 @@ def test_a_parked_put_is_refused_retryably_when_its_wait_is_over():
     assert [(e[1], e[3]) for e in reply.header["errors"]] == [("PARTITION_FULL", True)]
 
 
-def test_a_put_that_would_fit_waits_behind_an_earlier_parked_one():
+def test_a_put_that_fits_goes_ahead_of_a_parked_one_that_does_not():
     broker, clock, held = full_broker_with_a_consumer()
-    put_parked(broker, b"{}", b"{}")
+    put_parked(broker, b"{}", b"{}")  # needs both slots
     consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))
-    put_parked(broker, b"{}", who=b"req-2")  # room for it, but the first in line goes first
-    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [1]))
     broker.unpark(clock.now)
-    assert len(replies_to(broker, b"req-1")[0].header["acks"]) == 1
+    assert replies_to(broker, b"req-1") == []  # one slot is not enough for it
+    assert put(broker, b"{}", who=b"req-2").header["acks"] == [[0, 1, 0, 2]]  # this one fits
+    clock.now += 0.6
+    broker.unpark(clock.now)  # its wait is over: what fits (nothing) stored, the rest refused
+    (reply,) = replies_to(broker, b"req-1")
+    assert [e[1] for e in reply.header["errors"]] == ["PARTITION_FULL", "PARTITION_FULL"]
+
+
+def test_a_resend_of_records_the_broker_holds_needs_no_room_and_does_not_wait():
+    broker, _, held = full_broker_with_a_consumer()
+    ids = [f"id-{i}-0" for i in range(2)]  # what full_broker_with_a_consumer put
+    reply = put(broker, b"{}", b"{}", ids=ids)
+    assert [d[0] for d in reply.header["dups"]] == [0, 1] and broker.snapshot()["waiting_puts"] == 0
+
+
+def test_a_producer_waiting_on_a_parked_put_is_not_expired_for_its_silence():
+    broker, clock, held = full_broker_with_a_consumer(put_wait_ms=5000)
+    put_parked(broker, b"{}")
+    clock.now += 3.5  # longer than 3 x 1 s of silence
+    consumer_says(broker, "9090", Command.HEARTBEAT)
+    broker.tick(clock.now)
+    assert b"req-1" in broker.producers
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))
     broker.unpark(clock.now)
-    assert replies_to(broker, b"req-2") == []  # the first took all the room
+    assert replies_to(broker, b"req-1")[0].header["acks"] == [[0, 1, 0, 2]]
+
+
+def test_a_lone_surrogate_in_an_id_or_key_is_refused_and_a_parked_one_harms_nothing():
+    broker, clock, held = full_broker_with_a_consumer()
+    put_parked(broker, b"{}")
+    bad = {"ids": ["ok", "\ud800"], "keys": ["\udfff", None], "created_us": 1, "sizes": 2}
+    frames = [b"req-2", b"", *proto.encode(Command.PUT, bad, [b"{}{}"])]
+    broker.handle_frontend(frames, clock.now)  # parked too: the queue is full
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0, 1]))
+    broker.unpark(clock.now)  # room for the first; the second still counts 2 records
+    assert replies_to(broker, b"req-1")[0].header["acks"] == [[0, 1, 0, 2]]
+    clock.now += 0.6
+    broker.unpark(clock.now)
+    (reply,) = replies_to(broker, b"req-2")
+    assert [e[1] for e in reply.header["errors"]] == ["INVALID_RECORD", "INVALID_RECORD"]
+    assert "lone surrogates" in reply.header["errors"][0][2]
 
 
 def test_parked_puts_are_told_the_broker_is_stopping():

@@ -138,7 +138,7 @@ def test_a_sqlite_sink_checkpoints_the_wal_itself_once_it_handed_the_turn_over(d
     sink = Sink.open(db_url, "9090")
     path = db_url.removeprefix("sqlite:///")
     with sink.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 20_000
     before = os.path.getsize(path)
     sink.store([Batch(0, 1, [delivery(n) for n in range(200)])])
     assert os.path.getsize(path) == before  # not due: the rows are in the WAL only
@@ -148,3 +148,25 @@ def test_a_sqlite_sink_checkpoints_the_wal_itself_once_it_handed_the_turn_over(d
     assert os.path.getsize(path) > before  # checkpointed after handing the turn over
     assert len(rows(sink)) == 400
     sink.close()
+
+
+def test_one_by_one_after_a_failed_batch_a_second_copy_counts_as_a_duplicate(db_url):
+    sink = Sink.open(db_url, "9090")
+    broken = Delivery(0, 7, "broken", None, None, 1_700_000_000.0, 1, b"{}")  # type: ignore
+    outcomes = sink.store([Batch(0, 1, [delivery(1)]),
+                           Batch(1, 2, [delivery(1, attempt=2), broken])])
+    assert [(o.inserted, o.duplicates) for o in outcomes] == [(1, 0), (0, 1)]
+    assert [d.id for d in outcomes[1].failed] == ["broken"]  # NOT NULL producer: retried
+    sink.close()
+
+
+def test_a_sqlite_sink_checkpoints_what_it_wrote_when_it_closes(db_url):
+    import os
+
+    sink = Sink.open(db_url, "9090")
+    path = db_url.removeprefix("sqlite:///")
+    before = os.path.getsize(path)
+    sink.store([Batch(0, 1, [delivery(n) for n in range(100)])])  # far from CHECKPOINT_ROWS
+    assert os.path.getsize(path) == before
+    sink.close()
+    assert os.path.getsize(path) > before

@@ -33,8 +33,19 @@ FRONT = "frontend"
 BACK = "backend"
 MAX_ID_CHARS = 128
 MAX_KEY_CHARS = 1024
+MAX_PARKED = 1024  # PUTs waiting for room; beyond that a PUT that does not fit is refused
 DRAIN_PER_POLL = 256  # messages read per socket per wake-up before timers and dispatch run
 _POSITION = 1 << 48  # a remembered (partition, offset) as one int: partition * _POSITION + offset
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: JSON's "\\ud800" escape makes a lone
+    surrogate, which every database driver refuses (and ``str.encode`` raises on)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Columns(NamedTuple):
@@ -138,7 +149,7 @@ class Broker(Node):
             self.bound()
             self._loop(control, frontend, backend)
         finally:
-            frontend.close(0)
+            frontend.close(500)  # let the last replies (UNAVAILABLE to parked PUTs) go out
             backend.close(0)
 
     def _loop(self, control: zmq.Socket[Any], frontend: zmq.Socket[Any],
@@ -244,10 +255,10 @@ class Broker(Node):
     def _hello_producer(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
         name = proto.require(message.header, "name", str)
         role = message.header.get("role", "producer")
-        if role != "producer" or not name:
+        if role != "producer" or not name or not _utf8(name):
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 "the frontend registers producers: HELLO needs role 'producer' "
-                                "and a non-empty name")
+                                "and a non-empty name (Unicode without lone surrogates)")
         if identity not in self.producers:
             self.log.info("producer registered name=%s", name)
         self.producers[identity] = ProducerState(name=name, last_seen=now)
@@ -311,7 +322,7 @@ class Broker(Node):
                 parts.append((proto.parse_header(header), blob))
             except ProtocolError as exc:
                 parts.append((exc, blob))
-        if self._parked or self._must_wait(parts):
+        if len(self._parked) < MAX_PARKED and self._must_wait(parts):
             self._parked.append(ParkedPut(identity, parts, now + self.config.put_wait_ms / 1000))
             self.counters["waited"] += 1
             return None
@@ -325,21 +336,40 @@ class Broker(Node):
             raise ProtocolError(ErrorCode.NOT_READY, waiting)
 
     def unpark(self, now: float) -> None:
-        """Answer parked PUTs, oldest first, once they fit or their wait is over."""
+        """Answer parked PUTs that fit now or whose wait is over, oldest first.
+
+        Any PUT that fits goes, not only the oldest: a PUT waiting for one full keyed
+        partition must not hold up others bound for partitions with room. A big PUT can be
+        overtaken by small ones, for ``put_wait_ms`` at most.
+        """
+        waiting: deque[ParkedPut] = deque()
         while self._parked:
-            parked = self._parked[0]
+            parked = self._parked.popleft()
             if (now < parked.deadline and self.stopping_until is None
                     and self._must_wait(parked.parts)):
-                return
-            self._parked.popleft()
-            self._answer(parked.identity, self._store_parts, parked.identity, parked.parts, now)
+                waiting.append(parked)
+            else:
+                self._answer(parked.identity, self._store_parts, parked.identity, parked.parts,
+                             now)
+        self._parked = waiting
 
     def _must_wait(self, parts: list[Part]) -> bool:
         """True while some of these records would be refused for lack of room that consumers
-        can still make (a part too big for the empty partitions goes through at once)."""
+        can still make (a part too big for the empty partitions goes through at once).
+
+        It reads headers nobody checked yet, so anything odd in them counts as "no need to
+        wait": storing the PUT then refuses what is wrong, with the reason."""
         if not self.config.put_wait_ms or not self.consumers:
             return False
+        fits = self._fits(parts, count_known=True)
+        if fits is None or fits:
+            return False
+        return not self._fits(parts, count_known=False)  # retries of known ids need no room
+
+    def _fits(self, parts: list[Part], *, count_known: bool) -> bool | None:
+        """Whether these records fit in the partitions now; None if they never could."""
         count = len(self.partitions)
+        known = (self._held, self._recent, self._recent_old)
         keyless = 0
         keyed: dict[int, int] = {}  # partition -> keyed records for it (not a Counter: its
         # Python-level __init__ showed in the broker's profile, once per PUT)
@@ -349,26 +379,34 @@ class Broker(Node):
             ids, keys = header.get("ids"), header.get("keys")
             if not isinstance(ids, list):
                 continue
-            if keys is None or not isinstance(keys, str | list):
-                keyless += len(ids)
-            elif isinstance(keys, str):
-                number = zlib.crc32(keys.encode()) % count
-                keyed[number] = keyed.get(number, 0) + len(ids)
-            else:
-                for key in keys:
-                    if isinstance(key, str):
-                        number = zlib.crc32(key.encode()) % count
-                        keyed[number] = keyed.get(number, 0) + 1
-                    else:
-                        keyless += 1
+            if not isinstance(keys, str | list) or (isinstance(keys, list)
+                                                    and len(keys) != len(ids)):
+                keys = None
+            if count_known and not isinstance(keys, list):  # the usual case: no loop
+                if keys is None:
+                    keyless += len(ids)
+                else:
+                    number = zlib.crc32(keys.encode(errors="surrogatepass")) % count
+                    keyed[number] = keyed.get(number, 0) + len(ids)
+                continue
+            for index, record_id in enumerate(ids):
+                if not count_known and isinstance(record_id, str) and any(
+                        record_id in ids_ for ids_ in known):
+                    continue
+                key = keys[index] if isinstance(keys, list) else keys
+                if isinstance(key, str):
+                    number = zlib.crc32(key.encode(errors="surrogatepass")) % count
+                    keyed[number] = keyed.get(number, 0) + 1
+                else:
+                    keyless += 1
         capacity = self.config.capacity
         if (keyless + sum(keyed.values()) > capacity * count
                 or max(keyed.values(), default=0) > capacity):
-            return False  # it can never fit whole: store what fits now, refuse the rest
+            return None  # it can never fit whole: store what fits now, refuse the rest
         rooms = [p.room for p in self.partitions]
         if any(n > rooms[number] for number, n in keyed.items()):
-            return True
-        return keyless > sum(rooms) - sum(keyed.values())
+            return False
+        return keyless <= sum(rooms) - sum(keyed.values())
 
     def _store_parts(self, identity: bytes, parts: list[Part], now: float) -> list[bytes]:
         """Store every part of a PUT; answer with one ACK body per part, in order."""
@@ -445,11 +483,15 @@ class Broker(Node):
             return False
         if not (0 < min(map(len, ids)) and max(map(len, ids)) <= MAX_ID_CHARS):
             return False
+        if not "".join(ids).isascii():  # other text may hold a lone surrogate ("\\ud800"),
+            return False  # which no database takes: checked record by record
         if max(sizes) > self.config.max_payload_bytes or len(set(ids)) != len(ids):
             return False
         if keys.count(None) != len(keys):
             named = [k for k in keys if k is not None]
             if set(map(type, named)) != {str} or max(map(len, named)) > MAX_KEY_CHARS:
+                return False
+            if not "".join(named).isascii():
                 return False
         return (self._held.isdisjoint(ids) and self._recent.keys().isdisjoint(ids)
                 and self._recent_old.keys().isdisjoint(ids))
@@ -461,13 +503,16 @@ class Broker(Node):
         held, recent, older = self._held, self._recent, self._recent_old
         max_bytes = self.config.max_payload_bytes
         for index, (record_id, key, created_us, size) in enumerate(zip(*columns, strict=True)):
-            if type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS:
+            if (type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS
+                    or not _utf8(record_id)):
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
-                               f"id must be a string of 1 to {MAX_ID_CHARS} characters", False])
-            elif key is not None and (type(key) is not str or len(key) > MAX_KEY_CHARS):
+                               f"id must be a string of 1 to {MAX_ID_CHARS} characters "
+                               "(Unicode without lone surrogates)", False])
+            elif key is not None and (type(key) is not str or len(key) > MAX_KEY_CHARS
+                                      or not _utf8(key)):
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
-                               f"key must be null or a string of at most {MAX_KEY_CHARS} chars",
-                               False])
+                               f"key must be null or a string of at most {MAX_KEY_CHARS} chars "
+                               "(Unicode without lone surrogates)", False])
             elif type(created_us) is not int:
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
                                "created_us must be an integer (microseconds of Unix time)",
@@ -771,9 +816,10 @@ class Broker(Node):
                 self.counters["expired"] += 1
                 silent = now - state.last_seen
                 self._remove_consumer(name, f"expired: silent for {silent:.1f} s", now)
-        for identity, producer in list(self.producers.items()):
-            if now - producer.last_seen > expiry:  # it says HELLO again when it comes back
-                del self.producers[identity]
+        waiting = {parked.identity for parked in self._parked}  # a REQ producer cannot send
+        for identity, producer in list(self.producers.items()):  # heartbeats while it waits
+            if now - producer.last_seen > expiry and identity not in waiting:
+                del self.producers[identity]  # it says HELLO again when it comes back
                 self.log.info("producer expired name=%s", producer.name)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_ms / 1000

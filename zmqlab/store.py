@@ -41,6 +41,7 @@ Transform = Callable[[dict[str, Any]], dict[str, Any]]
 PAYLOAD_TYPE = JSON().with_variant(JSONB(), "postgresql")
 CHECKPOINT_ROWS = 10_000  # a consumer checkpoints a SQLite WAL after writing this many rows
 # (about SQLite's own 1,000-page default, with ~400 bytes a row and its index entries)
+SAFETY_CHECKPOINT_PAGES = 20_000  # SQLite checkpoints by itself only past this WAL size
 
 
 class StoredRecord(SQLModel, table=True):
@@ -159,8 +160,10 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
 
 def _no_auto_checkpoint(dbapi_connection: Any, _record: Any) -> None:
+    """SQLite's own checkpoint only as a safety net (a WAL of ~80 MB: consumers that write
+    little and restart often never reach their own checkpoint's row count)."""
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.execute(f"PRAGMA wal_autocheckpoint={SAFETY_CHECKPOINT_PAGES}")
     cursor.close()
 
 
@@ -269,8 +272,8 @@ class Sink:
             engine.dispose()  # connections made before the listener reconnect with it
             self._writers.on_release = self._checkpoint_if_due
 
-    def _checkpoint_if_due(self) -> None:
-        if self._uncheckpointed < CHECKPOINT_ROWS:
+    def _checkpoint_if_due(self, due: int | None = None) -> None:
+        if self._uncheckpointed < (CHECKPOINT_ROWS if due is None else due):
             return
         self._uncheckpointed = 0
         try:
@@ -303,6 +306,8 @@ class Sink:
             raise SinkUnavailable(f"cannot open database {url}: {error}") from error
 
     def close(self) -> None:
+        if self._writers.shared:
+            self._checkpoint_if_due(1)  # what this sink wrote since its last checkpoint
         self.engine.dispose()
         self._writers.close()
 
@@ -381,6 +386,9 @@ class Sink:
         if result.rowcount < 0 or result.rowcount == len(rows):
             for outcome, _, batch_rows in groups:
                 outcome.inserted += len(batch_rows)
+            return
+        if len(rows) == 1:  # one by one (the fallback): the rowcount says it all, and an
+            groups[0][0].duplicates += 1  # earlier call may share this stored_at
             return
         mine = self._written_by(conn, rows)
         for outcome, _, batch_rows in groups:
