@@ -21,7 +21,8 @@ pytestmark = pytest.mark.e2e
 
 
 class Load:
-    """One client thread per producer service, sending keyed batches until told to stop."""
+    """One client thread per producer service, sending keyed batches until told to stop (or,
+    as a bound, until ``limit`` records each: the test stops it long before)."""
 
     def __init__(self, endpoints: list[str], limit: int) -> None:
         self.acked: dict[str, Any] = {}
@@ -69,7 +70,7 @@ def test_kill_a_consumer_and_a_producer_under_load_then_restart_them(tmp_path: P
                         log_level="info")
     supervisor = Supervisor(topology, log_dir=str(tmp_path / "logs"))
     supervisor.start()
-    load = Load(topology.producer_endpoints(), limit=2500)
+    load = Load(topology.producer_endpoints(), limit=100_000)
     try:
         load.start()
         wait_until(lambda: load.count() >= 600, 60, "steady load")
@@ -94,10 +95,13 @@ def test_kill_a_consumer_and_a_producer_under_load_then_restart_them(tmp_path: P
         supervisor.spawn("consumer", str(base + 6), consumer_argv)
         wait_until(lambda: len(query_status(topology.frontend)["consumers"]) == 3, 30,
                    "the consumer back")
+        mark = load.count()
+        wait_until(lambda: load.count() >= mark + 600, 60, "progress with everything back")
+        load.stop.set()  # the load runs until here: it must not run out before the kills
         load.join()
         assert load.failed_batches == 0
         acked = load.acked
-        assert len(acked) == 7500
+        assert len(acked) >= 2100
 
         engine = make_engine(db_url)
 
@@ -128,7 +132,11 @@ def test_kill_a_consumer_and_a_producer_under_load_then_restart_them(tmp_path: P
             assert offsets == sorted(offsets)
         snap = query_status(topology.frontend)
         assert snap["counters"]["expired"] >= 1 and snap["counters"]["released"] >= 1
-        assert redelivered >= 1  # counted in the table too: attempt > 1
+        # Each released record was either stored by the new owner (attempt > 1 in the table)
+        # or already committed by the killed consumer before it could ACK (then the new
+        # owner's insert is a duplicate the primary key refused): at least one of the two.
+        duplicates = sum(query_status(e)["duplicates"] for e in topology.consumer_endpoints())
+        assert redelivered + duplicates >= 1
         assert snap["counters"]["duplicates"] >= 0
         wait_until(lambda: all(p["depth"] == 0 for p in
                                query_status(topology.frontend)["partitions"]), 30, "empty queue")
