@@ -38,6 +38,13 @@ DRAIN_PER_POLL = 256  # messages read per socket per wake-up before timers and d
 _POSITION = 1 << 48  # a remembered (partition, offset) as one int: partition * _POSITION + offset
 
 
+def partition_of(key: str, partitions: int) -> int:
+    """The partition of a keyed record: ``crc32(key) % partitions``, the one place it is
+    computed. ``surrogatepass`` only matters for headers not checked yet (the room check): a
+    checked key has no lone surrogate, so its bytes are plain UTF-8."""
+    return zlib.crc32(key.encode(errors="surrogatepass")) % partitions
+
+
 def _utf8(text: str) -> bool:
     """Whether ``text`` can be written as UTF-8: JSON's "\\ud800" escape makes a lone
     surrogate, which every database driver refuses (and ``str.encode`` raises on)."""
@@ -386,7 +393,7 @@ class Broker(Node):
                 if keys is None:
                     keyless += len(ids)
                 else:
-                    number = zlib.crc32(keys.encode(errors="surrogatepass")) % count
+                    number = partition_of(keys, count)
                     keyed[number] = keyed.get(number, 0) + len(ids)
                 continue
             for index, record_id in enumerate(ids):
@@ -395,7 +402,7 @@ class Broker(Node):
                     continue
                 key = keys[index] if isinstance(keys, list) else keys
                 if isinstance(key, str):
-                    number = zlib.crc32(key.encode(errors="surrogatepass")) % count
+                    number = partition_of(key, count)
                     keyed[number] = keyed.get(number, 0) + 1
                 else:
                     keyless += 1
@@ -547,7 +554,7 @@ class Broker(Node):
                 if key is None:
                     keyless.append(i)
                 else:
-                    keyed.setdefault(zlib.crc32(key.encode()) % count, []).append(i)
+                    keyed.setdefault(partition_of(key, count), []).append(i)
         runs: list[list[int]] = []
         for number, indices in keyed.items():
             left = self._store_run(partitions[number], indices, columns, payloads, producer, runs)
@@ -603,7 +610,7 @@ class Broker(Node):
         """Where a known id sits: held (found by a scan, only on retries) or recently acked."""
         if record_id in self._held:
             count = len(self.partitions)
-            first = zlib.crc32(key.encode()) % count if key is not None else 0
+            first = partition_of(key, count) if key is not None else 0
             for number in [first, *range(count)]:
                 offset = self.partitions[number].find(record_id)
                 if offset is not None:
