@@ -54,10 +54,11 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from zmqlab.loadgen import (  # noqa: E402
     LoadOptions,
-    padded_payload,
+    PayloadMaker,
     percentile,
     run_load,
     verify,
+    weighted_percentile,
 )
 from zmqlab.node import tune_gc  # noqa: E402
 from zmqlab.topology import Supervisor, Topology, query_status, stop_processes  # noqa: E402
@@ -98,8 +99,8 @@ def _zmqlab_client(endpoint: str, records: int, threads: int, batch: int, size: 
         return
     cpu = time.process_time()
     report = run_load(options, run_id=run_id)
-    results.put({"json": report.to_json(), "latencies": report.ack_latency_s,
-                 "acked": report.acked_ids, "prefix": report.prefix,
+    results.put({"json": report.to_json(), "latencies": report.ack_latencies,
+                 "acked_runs": report.acked_runs, "prefix": report.prefix,
                  "cpu_s": time.process_time() - cpu})
 
 
@@ -121,13 +122,14 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
     if not go.wait(120):
         return
     producer = f"ceiling-{number}"
+    payloads = PayloadMaker(size, number)  # the zmqlab clients' payloads, made the same way
     cpu = time.process_time()
     for start in range(first_seq, first_seq + records, batch):
         seqs = range(start, min(start + batch, first_seq + records))
         now = time.time()
         metas = [[f"{run_id}-{seq}", None, now] for seq in seqs]
         header = json.dumps({"producer": producer, "records": metas}).encode()
-        send_frames(push, [header, *[padded_payload(size, seq, number) for seq in seqs]])
+        send_frames(push, [header, *payloads.many(seqs.start, len(seqs))])
     push.close()
     context.term()
     results.put(time.process_time() - cpu)
@@ -368,7 +370,9 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
         parts = [results.get(timeout=args.deadline + 120) for _ in processes]
         for process in processes:
             process.join(30)
-        report = verify(db_url, [i for p in parts for i in p["acked"]], None,
+        acked_ids = [f"{p['prefix']}{seq}" for p in parts
+                     for first, count, _ in p["acked_runs"] for seq in range(first, first + count)]
+        report = verify(db_url, acked_ids, None,
                         args.verify_timeout, prefix=run_id)
         _profile_stop(spies)
         spies = []
@@ -378,13 +382,13 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
         run.cpu_s["load clients"] = sum(p["cpu_s"] for p in parts)
         run.broker_cpu_s = run.cpu_s["broker"]
         run.broker_peak_rss_mb = memory_kb(broker_pid)["VmHWM"] / 1024
-        latencies = sorted(x for p in parts for x in p["latencies"])
+        latencies = sorted(x for p in parts for x in p["latencies"])  # (seconds, records)
         acked = sum(p["json"]["acked"] for p in parts)
         ack_seconds = max(p["json"]["seconds"] for p in parts)
         run.refused = sum(p["json"]["refused"] for p in parts)
         run.ack_rps = acked / ack_seconds if ack_seconds else None
-        run.ack_p50_ms = _ms(percentile(latencies, 50))
-        run.ack_p99_ms = _ms(percentile(latencies, 99))
+        run.ack_p50_ms = _ms(weighted_percentile(latencies, 50))
+        run.ack_p99_ms = _ms(weighted_percentile(latencies, 99))
         run.stored, run.lost, run.duplicates = report.persisted, report.lost, report.duplicates
         run.e2e_p50_ms = _ms(percentile(report.e2e_s, 50))
         run.e2e_p99_ms = _ms(percentile(report.e2e_s, 99))

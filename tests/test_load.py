@@ -22,11 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import Fabric
 
 from zmqlab.assignment import round_robin
 from zmqlab.dashboard import RateTracker
 from zmqlab.errors import ConfigError
-from zmqlab.loadgen import padded_payload, parse_endpoints, percentile
+from zmqlab.loadgen import (
+    LoadOptions,
+    PayloadMaker,
+    padded_payload,
+    parse_endpoints,
+    percentile,
+    run_load,
+    weighted_percentile,
+)
 from zmqlab.producer import Producer, make_record
 from zmqlab.topology import Supervisor, Topology, query_status
 
@@ -120,6 +129,45 @@ def test_payload_is_a_json_object_of_the_requested_size() -> None:
         assert len(payload) == size
         assert json.loads(payload)["seq"] == 12345
     assert json.loads(padded_payload(2, 1, 0)) == {"seq": 1}  # smallest possible
+
+
+def test_payloads_keep_their_size_when_the_sequence_gains_a_digit() -> None:
+    maker = PayloadMaker(200, 3)
+    for seq in (0, 9, 10, 99, 100, 99_999, 100_000, 10**12):
+        payload = maker(seq)
+        assert len(payload) == 200 and json.loads(payload) == json.loads(
+            padded_payload(200, seq, 3))
+        assert json.loads(payload)["seq"] == seq and json.loads(payload)["client"] == 3
+    assert maker.many(8, 4) == [maker(s) for s in range(8, 12)]
+
+
+def test_weighted_percentile_matches_the_expanded_list() -> None:
+    pairs = [(0.001, 3), (0.002, 90), (0.010, 6), (0.500, 1)]
+    expanded = [value for value, n in pairs for _ in range(n)]
+    for q in (1, 3, 4, 50, 93, 94, 99, 99.5, 100):
+        assert weighted_percentile(pairs, q) == percentile(expanded, q), q
+    assert weighted_percentile([], 50) is None
+
+
+def test_a_partly_refused_batch_counts_only_its_acknowledged_ids(ctx, db_url) -> None:
+    # Given one partition with room for 25 records and no consumer to make more
+    fabric = Fabric(ctx, db_url, producers=1, consumers=0, partitions=1, capacity=25).start()
+    try:
+        # When 40 records go in batches of 10 with a deadline the full partition outlives
+        options = LoadOptions((fabric.ingress["8080"],), records=40, clients=1, batch=10,
+                              deadline_s=1.0)
+        report = run_load(options, run_id="partial", context=ctx)
+    finally:
+        fabric.stop()
+    # Then the first 25 are acknowledged, the 5 that did not fit are refused at the deadline
+    # (and the last batch too, if it went before the deadline), and only acknowledged ids
+    # are handed to verify
+    assert report.acked == 25 and report.refused + report.unacked == 15
+    assert report.refusals["PARTITION_FULL"]["count"] == report.refused >= 5
+    assert sorted(report.acked_ids(), key=lambda i: int(i.split("-")[1])) == [
+        f"partial-{seq}" for seq in range(25)]
+    assert sum(n for _, n in report.ack_latencies) == 25
+    assert not report.ok
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -197,8 +197,9 @@ def load(
             report = run_load(options, progress=progress)
         if verify_db is not None and not report.interrupted:
             try:
-                report.verified = verify(verify_db, report.acked_ids.keys(), report.acked_ids,
-                                         verify_timeout, prefix=report.prefix)
+                acked = report.acked_ids()
+                report.verified = verify(verify_db, acked.keys(), acked, verify_timeout,
+                                         prefix=report.prefix)
             except KeyboardInterrupt:
                 report.interrupted = True
             except ZmqlabError as exc:
@@ -300,8 +301,9 @@ def demo(
             if not report.interrupted:
                 if not as_json:
                     err.print(f"verifying {db} …", highlight=False)
-                report.verified = verify(db, report.acked_ids.keys(), report.acked_ids,
-                                         verify_timeout, prefix=report.prefix)
+                acked = report.acked_ids()
+                report.verified = verify(db, acked.keys(), acked, verify_timeout,
+                                         prefix=report.prefix)
                 snap = query_status(topology.frontend, timeout_ms=2000)
             failure = _verdict(report)
         except KeyboardInterrupt:

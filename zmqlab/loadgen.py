@@ -20,14 +20,16 @@ import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
 import zmq
 from sqlalchemy import func, select
 
+from zmqlab import protocol as proto
 from zmqlab.config import REPLY_TIMEOUT_MS
 from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ZmqlabError
-from zmqlab.producer import OutRecord, Producer, RecordsRefused
+from zmqlab.producer import OutRecord, Producer
 from zmqlab.store import DEAD_LETTERS, RECORDS, make_engine
 
 DEFAULT_ENDPOINTS = "tcp://127.0.0.1:8080,8081,8082"
@@ -96,11 +98,29 @@ class LoadOptions:
 # -- payloads ----------------------------------------------------------------------------------
 def padded_payload(size: int, seq: int, client: int) -> bytes:
     """A JSON object of exactly ``size`` bytes (or the smallest possible when ``size`` is tiny)."""
-    head = f'{{"seq":{seq},"client":{client},"pad":"'
-    fill = size - len(head) - 2
-    if fill < 0:
-        return b'{"seq":%d}' % seq
-    return (head + "x" * fill + '"}').encode()
+    return PayloadMaker(size, client)(seq)
+
+
+class PayloadMaker:
+    """``padded_payload`` for one client, at a third of its cost: the padding for each length
+    of the head is made once, so a payload is one bytes format and one concatenation."""
+
+    def __init__(self, size: int, client: int) -> None:
+        self.size = size
+        self._head = b'{"seq":%%d,"client":%d,"pad":"' % client
+        self._tails: dict[int, bytes] = {}
+
+    def __call__(self, seq: int) -> bytes:
+        head = self._head % seq
+        tail = self._tails.get(len(head))
+        if tail is None:
+            fill = self.size - len(head) - 2
+            tail = b"x" * fill + b'"}' if fill >= 0 else b""
+            self._tails[len(head)] = tail
+        return head + tail if tail else b'{"seq":%d}' % seq
+
+    def many(self, first: int, count: int) -> list[bytes]:
+        return list(map(self, range(first, first + count)))
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -110,6 +130,21 @@ def percentile(ordered: Sequence[float], q: float) -> float | None:
         return None
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def weighted_percentile(ordered: Sequence[tuple[float, int]], q: float) -> float | None:
+    """``percentile`` of values given as sorted (value, how many records had it) pairs: a
+    batch's records share one ack latency, so they are kept as one pair, not one per record."""
+    total = sum(n for _, n in ordered)
+    if not total:
+        return None
+    rank = max(1, math.ceil(q / 100 * total))
+    seen = 0
+    for value, n in ordered:
+        seen += n
+        if seen >= rank:
+            return value
+    return ordered[-1][0]
 
 
 def _ms(value: float | None) -> float | None:
@@ -160,13 +195,22 @@ class LoadReport:
     failovers: int = 0
     seconds: float = 0.0
     interrupted: bool = False
-    ack_latency_s: list[float] = field(default_factory=list, repr=False)  # sorted, per record
-    acked_ids: dict[str, float] = field(default_factory=dict, repr=False)  # id -> created_at
+    # (seconds, records) per acknowledged request, sorted: its records share one latency
+    ack_latencies: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    # (first seq, count, created_at): the records prefix + seq, for seq in the run, were acked
+    acked_runs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
     verified: VerifyReport | None = None
 
     @property
     def prefix(self) -> str:
         return self.run_id + "-"
+
+    def acked_ids(self) -> dict[str, float]:
+        """Every acknowledged id with its creation time, for ``verify``; built on demand
+        because the load keeps runs (a dict entry per record cost the clients ~0.5 µs each)."""
+        prefix = self.prefix
+        return {f"{prefix}{seq}": created for first, count, created in self.acked_runs
+                for seq in range(first, first + count)}
 
     @property
     def unacked(self) -> int:
@@ -184,15 +228,19 @@ class LoadReport:
         return clean and (self.verified is None or self.verified.ok)
 
     def to_json(self) -> dict[str, Any]:
-        lat, v = self.ack_latency_s, self.verified
+        lat, v = self.ack_latencies, self.verified
         e2e = v.e2e_s if v is not None else []
+
+        def ack_ms(q: float) -> float | None:
+            return _ms(weighted_percentile(lat, q))
+
         return {
             "records": self.records, "sent": self.sent, "acked": self.acked,
             "retried": self.retried, "refused": self.refused, "refusals": self.refusals,
             "unacked": self.unacked, "acked_duplicate": self.acked_duplicate,
             "seconds": round(self.seconds, 3), "throughput_rps": round(self.throughput_rps, 1),
-            "ack_p50_ms": _ms(percentile(lat, 50)), "ack_p90_ms": _ms(percentile(lat, 90)),
-            "ack_p99_ms": _ms(percentile(lat, 99)), "ack_max_ms": _ms(lat[-1] if lat else None),
+            "ack_p50_ms": ack_ms(50), "ack_p90_ms": ack_ms(90), "ack_p99_ms": ack_ms(99),
+            "ack_max_ms": _ms(lat[-1][0] if lat else None),
             "persisted": v.persisted if v else None, "lost": v.lost if v else None,
             "duplicates": v.duplicates if v else None,
             "dead_lettered": v.dead_lettered if v else None,
@@ -238,8 +286,9 @@ class _Shared:
 
 @dataclass
 class _ClientResult:
-    acked: dict[str, float] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)
+    acked: int = 0
+    acked_runs: list[tuple[int, int, float]] = field(default_factory=list)
+    latencies: list[tuple[float, int]] = field(default_factory=list)
     refusals: dict[str, dict[str, Any]] = field(default_factory=dict)
     sent: int = 0
     refused: int = 0
@@ -279,17 +328,21 @@ class _Client:
         self._endpoint_index = 0
         self._retries_seen = 0
         self._producer_now = self._producer(self.endpoints[0])  # its socket opens on first use
+        self._payloads = PayloadMaker(options.size, number)
+        self._id_prefix = f"{run_id}-"
 
     def _producer(self, endpoint: str) -> Producer:
         return Producer(endpoint, name=f"load-{self.run_id}-{self.number}", context=self.context,
                         timeout_ms=self.options.timeout_ms, retries=self.options.retries)
 
     def _records(self, start: int, n: int) -> list[OutRecord]:
-        keys, size, number = self.options.keys, self.options.size, self.number
-        now = time.time()
-        return [OutRecord(padded_payload(size, seq, number), f"{self.run_id}-{seq}",
-                          f"key-{seq % keys}" if keys else None, now)
-                for seq in range(start, start + n)]
+        keys, prefix = self.options.keys, self._id_prefix
+        seqs = range(start, start + n)
+        key_column = [f"key-{seq % keys}" for seq in seqs] if keys else repeat(None)
+        # tuple.__new__ builds the NamedTuples in C (OutRecord(...) is a Python call)
+        return list(map(tuple.__new__, repeat(OutRecord), zip(
+            self._payloads.many(start, n), [f"{prefix}{seq}" for seq in seqs], key_column,
+            repeat(time.time()))))
 
     def run(self) -> None:
         try:
@@ -316,21 +369,30 @@ class _Client:
                         self.stop.wait(min(due - now, self.deadline - now))
                         continue
                 n = min(batch, self.count - done)
-                records = self._records(self.first_seq + done, n)
+                first = self.first_seq + done
+                records = self._records(first, n)
                 with self.shared.lock:
                     self.shared.sent += n
                 result.sent += n
                 sent_at = time.monotonic()
                 try:
-                    acks, refused, go_on = self._send(records)
+                    acked, refused, go_on = self._send(records)
                 finally:
                     self._publish_retries()
                 latency = time.monotonic() - sent_at
-                result.acked.update({r.id: r.created_at for r in acks})
-                result.latencies.extend([latency] * len(acks))
+                count = n if acked is None else len(acked)
+                if count:
+                    result.latencies.append((latency, count))
+                    result.acked += count
+                    created = records[0].created_at
+                    if acked is None:
+                        result.acked_runs.append((first, n, created))
+                    else:
+                        result.acked_runs.extend((first + i, c, created)
+                                                 for i, c in proto.to_runs(acked))
                 done += n
                 with self.shared.lock:
-                    self.shared.acked += len(acks)
+                    self.shared.acked += count
                     self.shared.refused += refused
                 if not go_on:
                     break
@@ -338,24 +400,23 @@ class _Client:
             self._merge_stats(self._producer_now)
             self._producer_now.close()
 
-    def _send(self, records: list[OutRecord]) -> tuple[list[OutRecord], int, bool]:
-        """(acknowledged records, refused count, carry on) for one batch, failing over if
-        silent."""
+    def _send(self, records: list[OutRecord]) -> tuple[list[int] | None, int, bool]:
+        """(indices of the acknowledged records, None for all; refused count; carry on) for
+        one batch, failing over if silent."""
         n, result = len(records), self.result
         tried: list[str] = []
         while True:
             producer = self._producer_now
             producer.deadline_s = max(0.05, self.deadline - time.monotonic())
             try:
-                producer.send_batch(records, sleep=self._pause)
-                return records, 0, True  # it returns only when every record is acknowledged
+                outcome = producer.put_batch(records, sleep=self._pause)
+                if not outcome.refusals:
+                    return None, 0, True
+                for refusal in outcome.refusals:
+                    result.refuse(refusal.code, refusal.reason, 1)
+                return outcome.acked_indices(), len(outcome.refusals), True
             except _Stopped:
                 return [], 0, False  # outcome unknown; the report says interrupted
-            except RecordsRefused as exc:
-                for refusal in exc.refusals:
-                    result.refuse(refusal.code, refusal.reason, 1)
-                acked = {a.id for a in exc.acks}
-                return [r for r in records if r.id in acked], len(exc.refusals), True
             except BrokerUnavailable:
                 # Failover: the same ids on the next endpoint are idempotent at the broker.
                 tried.append(producer.endpoint)
@@ -404,17 +465,21 @@ def _retries(stats: Mapping[str, int]) -> int:
 
 def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | None = None,
              progress_interval_s: float = 0.1, stop: threading.Event | None = None,
-             run_id: str | None = None) -> LoadReport:
+             run_id: str | None = None,
+             context: zmq.Context[Any] | None = None) -> LoadReport:
     """Send ``options.records`` records and return what happened to them.
 
     Blocks until every client finished, the deadline passed, or ``stop`` was set (also set on
     KeyboardInterrupt, which then ends the load early with ``interrupted`` in the report).
-    ``progress`` is called on this thread about every ``progress_interval_s``.
+    ``progress`` is called on this thread about every ``progress_interval_s``. A ``context``
+    given by the caller (needed for ``inproc://`` endpoints) is left open; one made here is
+    terminated.
     """
     stop = stop or threading.Event()
     run_id = run_id or uuid.uuid4().hex[:12]
     report = LoadReport(options, run_id, records=options.records)
-    context: zmq.Context[Any] = zmq.Context()
+    own_context = context is None
+    context = zmq.Context() if context is None else context
     shared = _Shared()
     began = time.monotonic()
     deadline = began + options.deadline_s
@@ -459,14 +524,14 @@ def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | Non
     if progress is not None:
         progress(snapshot())
     stuck = any(t.is_alive() for t in threads)
-    latencies: list[float] = []
+    latencies: list[tuple[float, int]] = []
     for client in clients:
         result = client.result
         if result.error is not None:
             raise result.error
         report.sent += result.sent
-        report.acked += len(result.acked)
-        report.acked_ids.update(result.acked)
+        report.acked += result.acked
+        report.acked_runs.extend(result.acked_runs)
         report.refused += result.refused
         report.failovers += result.failovers
         for code, entry in result.refusals.items():
@@ -476,9 +541,10 @@ def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | Non
         report.acked_duplicate += result.stats.get("duplicates", 0)
         latencies.extend(result.latencies)
     latencies.sort()
-    report.ack_latency_s = latencies
+    report.ack_latencies = latencies
     if not stuck:  # sockets are closed by their threads; a stuck one would block term()
-        context.term()
+        if own_context:
+            context.term()
     return report
 
 

@@ -76,6 +76,40 @@ class RecordsRefused(BrokerRejected):
         self.acks = acks
 
 
+@dataclass(slots=True)
+class PutOutcome:
+    """What became of a batch: ``placed`` runs (record indices, partition, offset of the
+    first), ``dups`` (index, partition, offset) for records an earlier try had stored, and
+    ``refusals`` in the order they were decided."""
+
+    placed: list[tuple[list[int], int, int]] = field(default_factory=list)
+    dups: list[tuple[int, int, int]] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    @property
+    def acked(self) -> int:
+        return sum(len(indices) for indices, _, _ in self.placed) + len(self.dups)
+
+    def acked_indices(self) -> list[int]:
+        """Indices of the acknowledged records, ascending."""
+        out = [i for indices, _, _ in self.placed for i in indices]
+        out.extend(i for i, _, _ in self.dups)
+        out.sort()
+        return out
+
+    def acks(self, records: Sequence[OutRecord]) -> list[Ack]:
+        """An Ack per acknowledged record, in the records' order."""
+        acks: dict[int, Ack] = {}
+        for indices, partition, first in self.placed:
+            # tuple.__new__ builds the NamedTuples in C (Ack(...) is a Python call)
+            acks.update(zip(indices, map(tuple.__new__, repeat(Ack), zip(
+                [records[i].id for i in indices], repeat(partition),
+                range(first, first + len(indices)), repeat(False), strict=False)), strict=True))
+        for i, partition, offset in self.dups:
+            acks[i] = Ack(records[i].id, partition, offset, True)
+        return [acks[i] for i in sorted(acks)]
+
+
 def make_record(payload: Mapping[str, Any] | bytes | str, *, key: str | None = None,
                 id: str | None = None, created_at: float | None = None) -> OutRecord:
     """Encode a payload (a JSON object, or its text) and give the record its id and time."""
@@ -192,9 +226,18 @@ class Producer:
         ``deadline_s``; a refusal that is final (or outlives the deadline) raises
         RecordsRefused carrying the acks of the records that did get in.
         """
+        outcome = self.put_batch(records, sleep)
+        if outcome.refusals:
+            raise RecordsRefused(outcome.refusals, outcome.acks(records))
+        return outcome.acks(records)
+
+    def put_batch(self, records: Sequence[OutRecord],
+                  sleep: Callable[[float], None] = time.sleep) -> PutOutcome:
+        """``send_batch`` without an object per record: where each run of records went, and
+        the refusals. For callers that send many records and need only counts (the load
+        generator): an Ack per record cost more than the rest of its bookkeeping."""
         deadline = time.monotonic() + self.deadline_s
-        acks: dict[int, Ack] = {}
-        refusals: list[Refusal] = []
+        outcome = PutOutcome()
         todo = list(range(len(records)))
         delay = self.backoff_initial_s
         self.stats["sent"] += len(records)
@@ -203,41 +246,33 @@ class Producer:
             retry: list[int] = []
             if reply.command is Command.ERR or "code" in reply.header:
                 code, reason, retryable = proto.error_of(reply)
-                outcome = [(i, code, reason, retryable) for i in todo]
+                failed = [(i, code, reason, retryable) for i in todo]
             elif reply.command is Command.ACK:
                 header = reply.header
                 for index, count, partition, first in header.get("acks", []):
-                    indices = todo[index:index + count]
-                    # tuple.__new__ builds the NamedTuples in C (Ack(...) is a Python call)
-                    acks.update(zip(indices, map(tuple.__new__, repeat(Ack), zip(
-                        [records[i].id for i in indices], repeat(partition),
-                        range(first, first + count), repeat(False), strict=False)),
-                        strict=True))
-                for index, partition, offset in header.get("dups", []):
-                    i = todo[index]
-                    acks[i] = Ack(records[i].id, partition, offset, True)
-                self.stats["duplicates"] += len(header.get("dups", []))
-                outcome = [(todo[e[0]], e[1], e[2], bool(e[3]))
-                           for e in header.get("errors", [])]
+                    outcome.placed.append((todo[index:index + count], partition, first))
+                dups = header.get("dups", [])
+                outcome.dups.extend((todo[index], partition, offset)
+                                    for index, partition, offset in dups)
+                self.stats["duplicates"] += len(dups)
+                failed = [(todo[e[0]], e[1], e[2], bool(e[3])) for e in header.get("errors", [])]
             else:
                 raise BrokerRejected(ErrorCode.BAD_MESSAGE.value,
                                      f"unexpected reply {reply.command.name} to PUT")
-            for i, code, reason, retryable in outcome:
+            for i, code, reason, retryable in failed:
                 if retryable and time.monotonic() + delay < deadline:
                     retry.append(i)
                 else:
                     why = reason if not retryable else f"{reason} (still refused at the deadline)"
-                    refusals.append(Refusal(records[i].id, code, why, retryable))
+                    outcome.refusals.append(Refusal(records[i].id, code, why, retryable))
             todo = sorted(retry)
             if todo:
                 self.stats["backpressure_retries"] += len(todo)
                 sleep(delay)  # backoff between tries, not synchronisation
                 delay = min(delay * 2, self.backoff_max_s)
-        self.stats["acked"] += len(acks)
-        if refusals:
-            self.stats["refused"] += len(refusals)
-            raise RecordsRefused(refusals, [acks[i] for i in sorted(acks)])
-        return [acks[i] for i in range(len(records))]
+        self.stats["acked"] += outcome.acked
+        self.stats["refused"] += len(outcome.refusals)
+        return outcome
 
     def status(self) -> dict[str, Any]:
         """The STATS snapshot of whatever this client talks to."""
