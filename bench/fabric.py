@@ -1,6 +1,6 @@
 """Issue 3's benchmark: zmqlab against the no-broker ceiling, in one run on one machine.
 
-    python bench/fabric.py                  # the full run (about 3 minutes on 2 cores)
+    python bench/fabric.py                  # the full run (about 4 minutes on 2 cores)
     python bench/fabric.py --profile        # plus one run under py-spy (pip install py-spy)
     python bench/fabric.py --records 20000 --repeat 1 --scale-records 10000 --queued 100000
                                             # a quick run, under a minute
@@ -18,10 +18,13 @@ What it measures, all in the same run:
    broker's hops, not Python overheads that only one side had removed.
    1 and 2 alternate ``--repeat`` times; the ratio is taken between the medians, because on a
    small shared machine one run of either can be off by a factor of two.
-3. zmqlab again at half of the median throughput of 1, for the ack latency target.
-4. Throughput with 3 vs 24 partitions and with 1 vs 6 consumers (``--repeat`` times each).
-5. The broker's peak RSS with ``--queued`` 200-byte records held (no consumers).
-6. With ``--profile``: one more zmqlab run with py-spy on one process per role.
+3. Both paths once more with other records-per-request sizes (``--batches``): what one
+   request's round trip through the producer service and the broker costs shows as the ratio
+   changing with the batch (the headline stays at ``--batch``, fixed before these results).
+4. zmqlab again at half of the median throughput of 1, for the ack latency target.
+5. Throughput with 3 vs 24 partitions and with 1 vs 6 consumers (``--repeat`` times each).
+6. The broker's peak RSS with ``--queued`` 200-byte records held (no consumers).
+7. With ``--profile``: one more zmqlab run with py-spy on one process per role.
 
 Throughput is end to end for both paths: records stored / (last ``stored_at`` - first
 ``created_at``), read from the database, so both are measured with the same clock and rule.
@@ -335,8 +338,9 @@ CREATED_DATABASES: list[str] = []
 
 def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
                records: int, partitions: int = 6, consumers: int = 3, rate: float = 0.0,
-               profile_dir: Path | None = None) -> Run:
+               profile_dir: Path | None = None, batch: int | None = None) -> Run:
     """Start a topology, load it from 3 client processes, verify the database, stop it."""
+    batch = batch or args.batch
     slug = "".join(c if c.isalnum() else "-" for c in name)
     db_url = fresh_db(args, tmp, slug)
     topology = Topology(frontend_port=base, backend_port=base + 1, producers=3,
@@ -357,7 +361,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
         supervisor.start(ready_timeout_s=60)
         pids = _role_pids(supervisor)
         broker_pid = pids["broker"][0]
-        targets = [(_zmqlab_client, (endpoint, share + (i < extra), threads, args.batch,
+        targets = [(_zmqlab_client, (endpoint, share + (i < extra), threads, batch,
                                      args.size, rate / len(endpoints), args.deadline,
                                      f"{run_id}{i}", ready, go, results))
                    for i, endpoint in enumerate(endpoints)]
@@ -414,8 +418,9 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
 
 
 def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int,
-                name: str = "ceiling") -> Run:
+                name: str = "ceiling", batch: int | None = None) -> Run:
     """The no-broker ceiling: client processes PUSH straight to consumer processes."""
+    batch = batch or args.batch
     db_url = fresh_db(args, tmp, f"ceiling-{uuid.uuid4().hex[:6]}")
     from zmqlab.store import make_engine
 
@@ -432,7 +437,7 @@ def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int,
     clients: list[Any] = []
     try:
         clients = _start_all(ctx, [(_ceiling_client, (endpoints, counts[i], firsts[i],
-                                                      i, args.batch, args.size, run_id, ready,
+                                                      i, batch, args.size, run_id, ready,
                                                       go, results))
                                    for i in range(3)], ready)
         before = sum(cpu_seconds(p.pid) for p in consumers)
@@ -551,6 +556,7 @@ class Results:
     pairs: list[tuple[Run, Run]] = field(default_factory=list)  # (zmqlab, ceiling) per repeat
     half: Run | None = None
     scaling: dict[str, list[Run]] = field(default_factory=dict)
+    batches: dict[int, tuple[Run, Run]] = field(default_factory=dict)  # other batch sizes
     memory: dict[str, Any] | None = None
     profiled: Run | None = None
     profiles: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
@@ -564,7 +570,13 @@ class Results:
     def all_runs(self) -> list[Run]:
         runs = [r for pair in self.pairs for r in pair]
         runs += [r for group in self.scaling.values() for r in group]
+        runs += [r for pair in self.batches.values() for r in pair]
         return runs + [r for r in (self.half, self.profiled) if r is not None]
+
+
+def _cpu_per_record(r: Run) -> float:
+    """CPU µs per record over every process of a run (clients included)."""
+    return sum(r.cpu_s.values()) / r.records * 1e6 if r.records else 0.0
 
 
 def _row(r: Run) -> str:
@@ -624,10 +636,28 @@ def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
         lines += ["", "CPU seconds per role (all processes of the role, during the load), first "
                   "repeat:", ""]
         for r in results.pairs[0]:
-            total = sum(r.cpu_s.values())
-            per = total / r.records * 1e6 if r.records else 0
+            total, per = sum(r.cpu_s.values()), _cpu_per_record(r)
             lines.append(f"- {r.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_s.items())
                          + f"; total {total:.1f} s = {per:.0f} µs per record")
+    if results.batches and results.pairs:
+        lines += ["", "## Records per client request", "",
+                  "The same comparison with other batch sizes (one run of each path per size; "
+                  f"the {args.batch} row is the medians above). Each request is a round trip "
+                  "through the producer service and the broker that the ceiling's PUSH does "
+                  "not make, so the ratio grows with the batch.", "",
+                  "| records per request | zmqlab records/s | ceiling records/s | ratio | "
+                  "zmqlab ack p50 | CPU µs per record, zmqlab / ceiling |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        by_size = {size: (z.throughput_rps, c.throughput_rps, z, c)
+                   for size, (z, c) in results.batches.items()}
+        first_z, first_c = results.pairs[0]
+        by_size[args.batch] = (results.zmqlab_rps(), results.ceiling_rps(), first_z, first_c)
+        for size in sorted(by_size):
+            z_rps, c_rps, z, c = by_size[size]
+            ratio = z_rps / c_rps if c_rps else 0.0
+            lines.append(f"| {size}{' (above)' if size == args.batch else ''} | {z_rps:,.0f} | "
+                         f"{c_rps:,.0f} | {ratio:.2f} | {_fmt(z.ack_p50_ms, 1, ' ms')} | "
+                         f"{_cpu_per_record(z):.0f} / {_cpu_per_record(c):.0f} |")
     if results.scaling:
         lines += ["", "## Scaling (end-to-end records/s, median of the repeats)", "",
                   "| topology | records/s (median) | each repeat | e2e p99 (median) | lost | dup |",
@@ -700,6 +730,9 @@ def main() -> None:
                              "150,000)")
     parser.add_argument("--queued", type=int, default=1_000_000,
                         help="records queued for the broker memory figure")
+    parser.add_argument("--batches", default="50,200,500",
+                        help="other records-per-request sizes to compare (one run of each path "
+                             "per size, comma-separated; empty for none)")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-half-rate", action="store_true")
@@ -723,6 +756,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    try:
+        sweep = sorted({int(b) for b in args.batches.split(",") if b.strip()} - {args.batch})
+    except ValueError:
+        parser.error(f"--batches takes sizes like 50,500, got {args.batches!r}")
+    if any(b < 1 for b in sweep):
+        parser.error("--batches sizes must be at least 1")
 
     began = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="zmqlab-bench-"))
@@ -739,6 +778,15 @@ def main() -> None:
             ceiling = run_ceiling(args, tmp, base + 100, args.records, name=f"ceiling #{i}")
             _show(ceiling)
             results.pairs.append((zmqlab, ceiling))
+        for b in sweep:
+            print(f"batch {b}: zmqlab, then the ceiling …", flush=True)
+            zmqlab = run_zmqlab(args, tmp, base, name=f"zmqlab, batch {b}", records=args.records,
+                                batch=b)
+            _show(zmqlab)
+            ceiling = run_ceiling(args, tmp, base + 100, args.records, name=f"ceiling, batch {b}",
+                                  batch=b)
+            _show(ceiling)
+            results.batches[b] = (zmqlab, ceiling)
         if not args.skip_half_rate and results.zmqlab_rps():
             rate = results.zmqlab_rps() / 2
             records = max(1000, min(args.records, int(rate * 10)))
