@@ -186,6 +186,23 @@ def test_producer_service_groups_concurrent_clients_into_one_batch(ctx, endpoint
         broker.close(0)
 
 
+def test_put_batch_reports_runs_and_refusals_without_raising(ctx, db_url):
+    fabric = Fabric(ctx, db_url, producers=1, consumers=0, partitions=1).start()
+    try:
+        records = [make_record({"ok": 1}), make_record(b"not json"), make_record({"ok": 2})]
+        with fabric.client("8080") as c:
+            outcome = c.put_batch(records)
+            again = c.put_batch([records[2]])  # a retry of a stored record: a duplicate
+        assert outcome.acked == 2 and outcome.acked_indices() == [0, 2]
+        assert [(r.id, r.code) for r in outcome.refusals] == [(records[1].id, "INVALID_RECORD")]
+        assert [(a.id, a.partition, a.offset) for a in outcome.acks(records)] == [
+            (records[0].id, 0, 0), (records[2].id, 0, 1)]
+        assert again.dups == [(0, 0, 1)] and not again.placed and again.acked == 1
+        assert again.acks([records[2]])[0].duplicate
+    finally:
+        fabric.stop()
+
+
 @pytest.mark.parametrize("payload", [b"[1, 2]", b"not json", b'{"a": 1'])
 def test_invalid_payloads_are_refused_and_the_rest_accepted(ctx, db_url, payload):
     fabric = Fabric(ctx, db_url, producers=1, consumers=0).start()

@@ -12,13 +12,21 @@ from zmqlab.errors import (
     SinkUnavailable,
     ZmqlabError,
 )
-from zmqlab.producer import Ack, Producer, ProducerService, RecordsRefused, make_record
+from zmqlab.producer import (
+    Ack,
+    Producer,
+    ProducerService,
+    PutOutcome,
+    RecordsRefused,
+    Refusal,
+    make_record,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ack", "Broker", "BrokerConfig", "BrokerRejected", "BrokerUnavailable", "ConfigError",
     "Consumer", "ConsumerConfig", "Producer", "ProducerConfig", "ProducerService",
-    "ProtocolError", "RecordsRefused", "SinkUnavailable", "ZmqlabError", "make_record",
-    "round_robin",
+    "ProtocolError", "PutOutcome", "RecordsRefused", "Refusal", "SinkUnavailable",
+    "ZmqlabError", "make_record", "round_robin",
 ]
