@@ -58,6 +58,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from zmqlab.loadgen import (  # noqa: E402
     LoadOptions,
     PayloadMaker,
+    ids_of_runs,
     percentile,
     run_load,
     verify,
@@ -374,8 +375,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
         parts = [results.get(timeout=args.deadline + 120) for _ in processes]
         for process in processes:
             process.join(30)
-        acked_ids = [f"{p['prefix']}{seq}" for p in parts
-                     for first, count, _ in p["acked_runs"] for seq in range(first, first + count)]
+        acked_ids = [i for p in parts for i in ids_of_runs(p["prefix"], p["acked_runs"])]
         report = verify(db_url, acked_ids, None,
                         args.verify_timeout, prefix=run_id)
         _profile_stop(spies)

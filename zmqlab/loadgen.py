@@ -208,9 +208,7 @@ class LoadReport:
     def acked_ids(self) -> dict[str, float]:
         """Every acknowledged id with its creation time, for ``verify``; built on demand
         because the load keeps runs (a dict entry per record cost the clients ~0.5 µs each)."""
-        prefix = self.prefix
-        return {f"{prefix}{seq}": created for first, count, created in self.acked_runs
-                for seq in range(first, first + count)}
+        return ids_of_runs(self.prefix, self.acked_runs)
 
     @property
     def unacked(self) -> int:
@@ -260,6 +258,12 @@ class LoadReport:
         return json.dumps(self.to_json(), separators=(",", ":"))
 
 
+def ids_of_runs(prefix: str, runs: Sequence[tuple[int, int, float]]) -> dict[str, float]:
+    """The ids ``prefix + seq`` of (first seq, count, created_at) runs, each with its time."""
+    return {f"{prefix}{seq}": created for first, count, created in runs
+            for seq in range(first, first + count)}
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """A consistent view of the counters, for a progress bar."""
@@ -286,7 +290,6 @@ class _Shared:
 
 @dataclass
 class _ClientResult:
-    acked: int = 0
     acked_runs: list[tuple[int, int, float]] = field(default_factory=list)
     latencies: list[tuple[float, int]] = field(default_factory=list)
     refusals: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -383,7 +386,6 @@ class _Client:
                 count = n if acked is None else len(acked)
                 if count:
                     result.latencies.append((latency, count))
-                    result.acked += count
                     created = records[0].created_at
                     if acked is None:
                         result.acked_runs.append((first, n, created))
@@ -530,7 +532,7 @@ def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | Non
         if result.error is not None:
             raise result.error
         report.sent += result.sent
-        report.acked += result.acked
+        report.acked += sum(count for _, count, _ in result.acked_runs)
         report.acked_runs.extend(result.acked_runs)
         report.refused += result.refused
         report.failovers += result.failovers
