@@ -14,7 +14,8 @@ What it measures, all in the same run:
 2. The ceiling: the same records from 3 client processes that PUSH straight to 3 consumer
    processes, which write the same ``records`` table with the same ``Sink`` (no broker, no acks).
    Both paths run with the same process settings — zmqlab's frame helpers (``send_frames``,
-   ``recv_frames``) and its garbage-collector setting (``tune_gc``) — so the ratio measures the
+   ``recv_frames``), its JSON codec for headers (``dump``, ``parse_json``) and its
+   garbage-collector setting (``tune_gc``) — so the ratio measures the
    broker's hops, not Python overheads that only one side had removed.
    1 and 2 alternate ``--repeat`` times; the ratio is taken between the medians, because on a
    small shared machine one run of either can be off by a factor of two.
@@ -34,7 +35,6 @@ Results go to stdout and to bench/RESULTS.md (machine, versions, the exact comma
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -114,6 +114,7 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
     import zmq
 
     from zmqlab.node import send_frames  # zmqlab's own frame helper
+    from zmqlab.protocol import dump  # and its JSON codec
 
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
@@ -132,7 +133,7 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
         seqs = range(start, min(start + batch, first_seq + records))
         now = time.time()
         metas = [[f"{run_id}-{seq}", None, now] for seq in seqs]
-        header = json.dumps({"producer": producer, "records": metas}).encode()
+        header = dump({"producer": producer, "records": metas})
         send_frames(push, [header, *payloads.many(seqs.start, len(seqs))])
     push.close()
     context.term()
@@ -144,6 +145,7 @@ def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None
     import zmq
 
     from zmqlab.node import NOBLOCK, recv_frames
+    from zmqlab.protocol import parse_json
     from zmqlab.store import Batch, Delivery, Sink, make_engine
 
     stopping = []
@@ -165,7 +167,7 @@ def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None
                 frames = recv_frames(pull, NOBLOCK)
             except zmq.Again:
                 break
-            header = json.loads(frames[0])
+            header = parse_json(frames[0])
             deliveries = []
             for (record_id, key, created_at), payload in zip(header["records"], frames[1:],
                                                              strict=True):

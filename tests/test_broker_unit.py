@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from zmqlab import protocol as proto
 from zmqlab.broker import BACK, FRONT, Broker
 from zmqlab.config import BrokerConfig
-from zmqlab.errors import ProtocolError
+from zmqlab.errors import ConfigError, ProtocolError
+from zmqlab.producer import encode_put, make_record
 from zmqlab.protocol import Command
 
 
@@ -167,6 +169,12 @@ def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
     (["a", None, 1], b"[]", "INVALID_RECORD"),
     (["a", None, 1], b'{"a":1} x', "INVALID_RECORD"),
     (["a", None, 1], b'{"\xc3\xa9":1', "INVALID_RECORD"),
+    # what a SQL database would refuse after the producer was told "stored": refused here
+    (["a", None, 1], b'{"a":NaN}', "INVALID_RECORD"),
+    (["a", None, 1], b'{"a":1e999}', "INVALID_RECORD"),  # Infinity
+    (["a", None, 1], b'{"a":"\\ud800"}', "INVALID_RECORD"),  # a lone surrogate
+    (["a", None, 1], b'{"a":"\xff"}', "INVALID_RECORD"),  # not UTF-8
+    (["a", None, 1], b'\xef\xbb\xbf{"a":1}', "INVALID_RECORD"),  # a byte-order mark
     (["a", None, 1], b"x" * 2_000_000, "TOO_LARGE"),
 ])
 def test_bad_records_get_a_clear_refusal(meta, payload, code):
@@ -437,6 +445,18 @@ def test_encode_put_sends_a_shared_time_key_and_size_once():
                             "created_us": [1_000_000, 2_000_000], "sizes": [2, 7]}
 
 
+@pytest.mark.parametrize("record, text", [
+    (lambda: make_record({"a": float("nan")}), "payload is not JSON"),
+    (lambda: make_record({"a": "\ud800"}), "payload is not JSON"),
+    (lambda: make_record({"a": object()}), "payload is not JSON"),
+    (lambda: encode_put([make_record({}, id="\ud800")]), "without lone surrogates"),
+    (lambda: encode_put([make_record({}, key="\udfff")]), "without lone surrogates"),
+])
+def test_what_the_broker_would_refuse_fails_in_the_client_before_sending(record, text):
+    with pytest.raises(ConfigError, match=text):
+        record()
+
+
 def replies_to(broker: Broker, who: bytes) -> list[proto.Message]:
     """Replies the broker queued for producer ``who`` (removed from the outbox)."""
     mine = [f for side, f in broker.outbox if side == FRONT and f[0] == who]
@@ -527,20 +547,19 @@ def test_a_producer_waiting_on_a_parked_put_is_not_expired_for_its_silence():
     assert replies_to(broker, b"req-1")[0].header["acks"] == [[0, 1, 0, 2]]
 
 
-def test_a_lone_surrogate_in_an_id_or_key_is_refused_and_a_parked_one_harms_nothing():
+def test_a_lone_surrogate_in_a_header_is_refused_at_once_and_a_parked_put_harms_nothing():
     broker, clock, held = full_broker_with_a_consumer()
     put_parked(broker, b"{}")
-    bad = {"ids": ["ok", "\ud800"], "keys": ["\udfff", None], "created_us": 1, "sizes": 2}
-    frames = [b"req-2", b"", *proto.encode(Command.PUT, bad, [b"{}{}"])]
-    broker.handle_frontend(frames, clock.now)  # parked too: the queue is full
-    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0, 1]))
-    broker.unpark(clock.now)  # room for the first; the second still counts 2 records
-    assert replies_to(broker, b"req-1")[0].header["acks"] == [[0, 1, 0, 2]]
-    clock.now += 0.6
+    # The standard library writes the "\ud800" escape that no database driver takes.
+    bad = json.dumps({"ids": ["ok", "\ud800"], "keys": None, "created_us": 1, "sizes": 2})
+    broker.handle_frontend([b"req-2", b"", proto.VERSION, Command.PUT.value, bad.encode(),
+                            b"{}{}"], clock.now)
+    (reply,) = replies_to(broker, b"req-2")  # at once, not parked behind the full queue
+    assert proto.error_of(reply)[0] == "BAD_MESSAGE"
+    assert "header is not JSON" in reply.header["reason"]
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))
     broker.unpark(clock.now)
-    (reply,) = replies_to(broker, b"req-2")
-    assert [e[1] for e in reply.header["errors"]] == ["INVALID_RECORD", "INVALID_RECORD"]
-    assert "lone surrogates" in reply.header["errors"][0][2]
+    assert replies_to(broker, b"req-1")[0].header["acks"] == [[0, 1, 0, 2]]
 
 
 def test_parked_puts_are_told_the_broker_is_stopping():

@@ -132,6 +132,7 @@ def test_assign_prints_the_seed_tables():
     (["assign", "--partitions", "0"], 2, "partitions"),
     (["send", "not json"], 2, "not JSON"),
     (["send", "[1, 2]"], 2, "JSON object"),
+    (["send", '{"a": NaN}'], 2, "not JSON"),  # what a SQL database would refuse
     (["broker", "--partitions", "-1"], 2, "partitions"),
     (["broker", "--frontend", "nowhere"], 2, "ZeroMQ endpoint"),
     (["consumer", "--db", "mysql://x@localhost/db", "--port", "1"], 2, "unsupported"),

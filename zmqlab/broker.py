@@ -40,19 +40,9 @@ _POSITION = 1 << 48  # a remembered (partition, offset) as one int: partition * 
 
 def partition_of(key: str, partitions: int) -> int:
     """The partition of a keyed record: ``crc32(key) % partitions``, the one place it is
-    computed. ``surrogatepass`` only matters for headers not checked yet (the room check): a
-    checked key has no lone surrogate, so its bytes are plain UTF-8."""
-    return zlib.crc32(key.encode(errors="surrogatepass")) % partitions
-
-
-def _utf8(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8: JSON's "\\ud800" escape makes a lone
-    surrogate, which every database driver refuses (and ``str.encode`` raises on)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+    computed. Every string here came through ``proto.parse_json``, which refuses lone
+    surrogates, so ``encode`` cannot fail."""
+    return zlib.crc32(key.encode()) % partitions
 
 
 class _Columns(NamedTuple):
@@ -262,10 +252,10 @@ class Broker(Node):
     def _hello_producer(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
         name = proto.require(message.header, "name", str)
         role = message.header.get("role", "producer")
-        if role != "producer" or not name or not _utf8(name):
+        if role != "producer" or not name:
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 "the frontend registers producers: HELLO needs role 'producer' "
-                                "and a non-empty name (Unicode without lone surrogates)")
+                                "and a non-empty name")
         if identity not in self.producers:
             self.log.info("producer registered name=%s", name)
         self.producers[identity] = ProducerState(name=name, last_seen=now)
@@ -443,7 +433,7 @@ class Broker(Node):
         """
         columns = _Columns.of(header)
         payloads = proto.split_payloads(columns.sizes, [blob])
-        not_json = proto.invalid_objects(blob, columns.sizes) if columns.ids else set()
+        not_json = proto.invalid_objects(payloads)
         errors: list[list[Any]] = []
         dups: list[list[Any]] = []
         repeats: list[int] = []
@@ -490,15 +480,11 @@ class Broker(Node):
             return False
         if not (0 < min(map(len, ids)) and max(map(len, ids)) <= MAX_ID_CHARS):
             return False
-        if not "".join(ids).isascii():  # other text may hold a lone surrogate ("\\ud800"),
-            return False  # which no database takes: checked record by record
         if max(sizes) > self.config.max_payload_bytes or len(set(ids)) != len(ids):
             return False
         if keys.count(None) != len(keys):
             named = [k for k in keys if k is not None]
             if set(map(type, named)) != {str} or max(map(len, named)) > MAX_KEY_CHARS:
-                return False
-            if not "".join(named).isascii():
                 return False
         return (self._held.isdisjoint(ids) and self._recent.keys().isdisjoint(ids)
                 and self._recent_old.keys().isdisjoint(ids))
@@ -510,16 +496,13 @@ class Broker(Node):
         held, recent, older = self._held, self._recent, self._recent_old
         max_bytes = self.config.max_payload_bytes
         for index, (record_id, key, created_us, size) in enumerate(zip(*columns, strict=True)):
-            if (type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS
-                    or not _utf8(record_id)):
+            if type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS:
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
-                               f"id must be a string of 1 to {MAX_ID_CHARS} characters "
-                               "(Unicode without lone surrogates)", False])
-            elif key is not None and (type(key) is not str or len(key) > MAX_KEY_CHARS
-                                      or not _utf8(key)):
+                               f"id must be a string of 1 to {MAX_ID_CHARS} characters", False])
+            elif key is not None and (type(key) is not str or len(key) > MAX_KEY_CHARS):
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
-                               f"key must be null or a string of at most {MAX_KEY_CHARS} chars "
-                               "(Unicode without lone surrogates)", False])
+                               f"key must be null or a string of at most {MAX_KEY_CHARS} chars",
+                               False])
             elif type(created_us) is not int:
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
                                "created_us must be an integer (microseconds of Unix time)",
@@ -532,7 +515,8 @@ class Broker(Node):
                                f"payload of {size} bytes exceeds {max_bytes}", False])
             elif index in not_json:
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
-                               "payload must be a JSON object", False])
+                               "payload must be one JSON object (UTF-8, no NaN or Infinity, "
+                               "no lone surrogate)", False])
             else:
                 accepted.append(index)
         return accepted

@@ -6,7 +6,6 @@ end in one line on stderr and exit code 1 (2 for bad options), never a traceback
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from zmqlab.dashboard import producers_title
 from zmqlab.errors import ZmqlabError
 from zmqlab.node import Node, tune_gc
 from zmqlab.producer import Producer, RecordsRefused
+from zmqlab.protocol import parse_json
 from zmqlab.topology import Supervisor, Topology, query_status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -218,7 +218,7 @@ def send(
 ) -> None:
     """Send one record and print its acknowledgement."""
     try:
-        data = json.loads(payload)
+        data = parse_json(payload.encode(errors="surrogateescape"))
     except ValueError as exc:
         raise typer.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
     if not isinstance(data, dict):

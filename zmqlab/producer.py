@@ -114,7 +114,11 @@ def make_record(payload: Mapping[str, Any] | bytes | str, *, key: str | None = N
                 id: str | None = None, created_at: float | None = None) -> OutRecord:
     """Encode a payload (a JSON object, or its text) and give the record its id and time."""
     if isinstance(payload, Mapping):
-        data = json.dumps(payload, separators=(",", ":")).encode()
+        try:  # strict as the broker is: no NaN, no lone surrogate (ValueError, both)
+            data = json.dumps(payload, separators=(",", ":"), allow_nan=False,
+                              ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"payload is not JSON: {exc}") from None
     elif isinstance(payload, str):
         data = payload.encode()
     elif isinstance(payload, bytes):
@@ -136,7 +140,11 @@ def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
         created_us = [round(c * 1_000_000) for c in created]
     header = {"ids": [r.id for r in records], "keys": proto.compact([r.key for r in records]),
               "created_us": created_us, "sizes": proto.compact(list(map(len, payloads)))}
-    return proto.encode(Command.PUT, header, proto.join_payloads(payloads))
+    try:
+        return proto.encode(Command.PUT, header, proto.join_payloads(payloads))
+    except (TypeError, ValueError) as exc:  # an id or key the wire cannot carry
+        raise ConfigError(f"record ids and keys must be text (without lone surrogates): "
+                          f"{exc}") from None
 
 
 class Producer:
