@@ -535,6 +535,27 @@ def test_a_resend_of_records_the_broker_holds_needs_no_room_and_does_not_wait():
     assert [d[0] for d in reply.header["dups"]] == [0, 1] and broker.snapshot()["waiting_puts"] == 0
 
 
+@pytest.mark.parametrize("keys", [None, ["k", "k", "k"]])
+def test_only_ids_the_broker_does_not_know_need_room(keys):
+    broker, clock, held = full_broker_with_a_consumer()
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))  # room for one
+    # held, recently acked, new: only the new one needs the slot, so nothing waits
+    ids = ["id-1-0", "id-0-0", "new"]
+    metas = [[i, k, 1_000_000, 2] for i, k in zip(ids, keys or [None] * 3, strict=True)]
+    reply = producer_says(broker, Command.PUT, columns(metas), [b"{}" * 3])
+    assert [d[0] for d in reply.header["dups"]] == [0, 1]
+    assert [a[:2] for a in reply.header["acks"]] == [[2, 1]]
+    assert broker.snapshot()["waiting_puts"] == 0
+
+
+def test_an_id_twice_in_one_part_needs_room_once():
+    broker, clock, held = full_broker_with_a_consumer()
+    consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))  # room for one
+    reply = put(broker, b"{}", b"{}", ids=["twice", "twice"])
+    assert reply.header["acks"] == [[0, 1, 0, 2]] and [d[0] for d in reply.header["dups"]] == [1]
+    assert broker.snapshot()["waiting_puts"] == 0
+
+
 def test_a_producer_waiting_on_a_parked_put_is_not_expired_for_its_silence():
     broker, clock, held = full_broker_with_a_consumer(put_wait_ms=5000)
     put_parked(broker, b"{}")

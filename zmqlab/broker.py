@@ -366,7 +366,6 @@ class Broker(Node):
     def _fits(self, parts: list[Part], *, count_known: bool) -> bool | None:
         """Whether these records fit in the partitions now; None if they never could."""
         count = len(self.partitions)
-        known = (self._held, self._recent, self._recent_old)
         keyless = 0
         keyed: dict[int, int] = {}  # partition -> keyed records for it (not a Counter: its
         # Python-level __init__ showed in the broker's profile, once per PUT)
@@ -379,18 +378,20 @@ class Broker(Node):
             if not isinstance(keys, str | list) or (isinstance(keys, list)
                                                     and len(keys) != len(ids)):
                 keys = None
-            if count_known and not isinstance(keys, list):  # the usual case: no loop
+            fresh = None if count_known else self._unknown(ids)
+            if not isinstance(keys, list):  # the usual case: no loop
+                number_of_records = len(ids) if fresh is None else len(fresh)
                 if keys is None:
-                    keyless += len(ids)
+                    keyless += number_of_records
                 else:
                     number = partition_of(keys, count)
-                    keyed[number] = keyed.get(number, 0) + len(ids)
+                    keyed[number] = keyed.get(number, 0) + number_of_records
                 continue
-            for index, record_id in enumerate(ids):
-                if not count_known and isinstance(record_id, str) and any(
-                        record_id in ids_ for ids_ in known):
-                    continue
-                key = keys[index] if isinstance(keys, list) else keys
+            for record_id, key in zip(ids, keys, strict=True):
+                if fresh is not None:
+                    if record_id not in fresh:
+                        continue
+                    fresh.discard(record_id)  # a second copy in the part needs no room
                 if isinstance(key, str):
                     number = partition_of(key, count)
                     keyed[number] = keyed.get(number, 0) + 1
@@ -404,6 +405,22 @@ class Broker(Node):
         if any(n > rooms[number] for number, n in keyed.items()):
             return False
         return keyless <= sum(rooms) - sum(keyed.values())
+
+    def _unknown(self, ids: list[Any]) -> set[Any] | None:
+        """The distinct ids of a part that the broker neither holds nor recently acked (the
+        ones that need room; a second copy in the same part is a duplicate of the first), or
+        None when an id cannot be looked up at all (storing the part refuses it).
+
+        Three set differences in C, not a Python test per record: parked PUTs are checked
+        again on every wake-up of the broker while the queue is full. One set at a time,
+        because ``difference`` with several arguments walks every other set whole."""
+        try:
+            fresh = set(ids)
+        except TypeError:
+            return None
+        for known in (self._held, self._recent, self._recent_old):
+            fresh = fresh.difference(known)
+        return fresh
 
     def _store_parts(self, identity: bytes, parts: list[Part], now: float) -> list[bytes]:
         """Store every part of a PUT; answer with one ACK body per part, in order."""
