@@ -1,6 +1,6 @@
 """Issue 3's benchmark: zmqlab against the no-broker ceiling, in one run on one machine.
 
-    python bench/fabric.py                  # the full run (about 4 minutes on 2 cores)
+    python bench/fabric.py                  # the full run (7 to 9 minutes on 2 cores)
     python bench/fabric.py --profile        # plus one run under py-spy (pip install py-spy)
     python bench/fabric.py --records 20000 --repeat 1 --scale-records 10000 --queued 100000
                                             # a quick run, under a minute
@@ -715,7 +715,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=200_000,
                         help="records for zmqlab and for the ceiling, per repeat")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=int, default=5,
                         help="alternating runs of each path (the table reports medians)")
     parser.add_argument("--size", type=int, default=200, help="payload bytes")
     parser.add_argument("--clients", type=int, default=12,
