@@ -88,10 +88,10 @@ class Message:
 
 
 _COMMANDS = {command.value: command for command in Command}
-# msgspec's JSON codec, not the standard library's: on every hop the headers are encoded and
-# decoded 4-6 times as fast, and a payload is checked in 0.55 µs instead of 1.35; it is also
-# strict where a SQL sink is (NaN, Infinity, lone surrogates and invalid UTF-8 are refused
-# at the broker, not by the database after the producer was told the record was stored).
+# msgspec's JSON codec, not the standard library's: a 100-record PUT header is encoded 7-12
+# times and decoded 1.7 times as fast on every hop, and a payload is checked in 0.38 µs instead
+# of 1.4-1.7; it is also strict where PostgreSQL is (NaN, Infinity, lone surrogates and invalid
+# UTF-8 are refused at the broker, not by the database after the record was acknowledged).
 _DECODE = msgspec.json.Decoder().decode
 _DECODE_OBJECT = msgspec.json.Decoder(dict).decode
 _ENCODE = msgspec.json.Encoder().encode
@@ -103,15 +103,6 @@ def parse_json(data: bytes) -> Any:
         return _DECODE(data)
     except msgspec.DecodeError as exc:
         raise ValueError(str(exc)) from None
-
-
-def is_json_object(data: bytes) -> bool:
-    """Whether ``data`` is one JSON object (the only payload a record may carry)."""
-    try:
-        _DECODE_OBJECT(data)
-    except msgspec.DecodeError:
-        return False
-    return True
 
 
 def invalid_objects(payloads: Sequence[bytes]) -> set[int]:
