@@ -9,7 +9,8 @@ What it measures, all in the same run:
 
 1. zmqlab: the seed workload (3 producer services, 6 partitions, 3 consumers, 200-byte
    payloads, SQLite in a temp dir, ACK after commit) started by ``Supervisor``; the load comes
-   from 3 client processes (one per producer service, ``--clients`` threads in all) using
+   from 3 client processes (one per producer service, ``--clients`` connections in all, each
+   with ``--window`` requests in flight) using
    ``zmqlab.loadgen.run_load``; ``verify`` proves nothing was lost or stored twice.
 2. The ceiling: the same records from 3 client processes that PUSH straight to 3 consumer
    processes, which write the same ``records`` table with the same ``Sink`` (no broker, no acks).
@@ -91,12 +92,12 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 
 # -- workers (spawned processes) ---------------------------------------------------------------
-def _zmqlab_client(endpoint: str, records: int, threads: int, batch: int, size: int,
-                   rate: float, deadline_s: float, run_id: str, ready: Any, go: Any,
+def _zmqlab_client(endpoint: str, records: int, clients: int, batch: int, window: int,
+                   size: int, rate: float, deadline_s: float, run_id: str, ready: Any, go: Any,
                    results: Any) -> None:
     """Load one producer service with ``run_load``; send back the acks and latencies."""
-    options = LoadOptions((endpoint,), records=records, rate=rate, size=size, clients=threads,
-                          batch=batch, deadline_s=deadline_s)
+    options = LoadOptions((endpoint,), records=records, rate=rate, size=size, clients=clients,
+                          batch=batch, window=window, deadline_s=deadline_s)
     tune_gc()  # as `zmqlab load` does
     ready.put(os.getpid())
     if not go.wait(120):
@@ -356,7 +357,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
     ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     run_id = uuid.uuid4().hex[:8]
     endpoints = topology.producer_endpoints()
-    threads = max(1, args.clients // len(endpoints))
+    clients = max(1, args.clients // len(endpoints))
     share, extra = divmod(records, len(endpoints))
     spies: list[subprocess.Popen[bytes]] = []
     processes: list[Any] = []
@@ -364,7 +365,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
         supervisor.start(ready_timeout_s=60)
         pids = _role_pids(supervisor)
         broker_pid = pids["broker"][0]
-        targets = [(_zmqlab_client, (endpoint, share + (i < extra), threads, batch,
+        targets = [(_zmqlab_client, (endpoint, share + (i < extra), clients, batch, args.window,
                                      args.size, rate / len(endpoints), args.deadline,
                                      f"{run_id}{i}", ready, go, results))
                    for i, endpoint in enumerate(endpoints)]
@@ -606,7 +607,8 @@ def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
              f"SQLAlchemy {info['sqlalchemy']}, SQLModel {info['sqlmodel']}, "
              f"SQLite {info['sqlite']}.",
              f"Workload: {args.records} records of {args.size} bytes per run, 3 client processes "
-             f"({args.clients} client threads in all for zmqlab), batches of {args.batch}; "
+             f"(for zmqlab {args.clients} clients in all, each with up to {args.window} "
+             f"requests in flight), batches of {args.batch}; "
              f"{sink}; {args.repeat} alternating repeat(s) of each path."
              f"{extra} The whole benchmark took {elapsed_s:.0f} s.", "",
              "## zmqlab vs the no-broker ceiling", "",
@@ -719,8 +721,10 @@ def main() -> None:
                         help="alternating runs of each path (the table reports medians)")
     parser.add_argument("--size", type=int, default=200, help="payload bytes")
     parser.add_argument("--clients", type=int, default=12,
-                        help="zmqlab client threads in all (they wait for acks, so they need "
-                             "enough of them in flight; the ceiling's clients do not wait)")
+                        help="zmqlab clients (connections) in all; they wait for acks, so "
+                             "they need requests in flight (the ceiling's clients do not wait)")
+    parser.add_argument("--window", type=int, default=4,
+                        help="requests in flight per zmqlab client (1: each waits for its ack)")
     parser.add_argument("--batch", type=int, default=100, help="records per client request")
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds a load may take")
     parser.add_argument("--verify-timeout", type=float, default=120.0)

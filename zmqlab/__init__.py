@@ -12,6 +12,7 @@ from zmqlab.errors import (
     SinkUnavailable,
     ZmqlabError,
 )
+from zmqlab.pipelined import Completion, PipelinedProducer
 from zmqlab.producer import (
     Ack,
     Producer,
@@ -25,8 +26,8 @@ from zmqlab.producer import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ack", "Broker", "BrokerConfig", "BrokerRejected", "BrokerUnavailable", "ConfigError",
-    "Consumer", "ConsumerConfig", "Producer", "ProducerConfig", "ProducerService",
-    "ProtocolError", "PutOutcome", "RecordsRefused", "Refusal", "SinkUnavailable",
-    "ZmqlabError", "make_record", "round_robin",
+    "Ack", "Broker", "BrokerConfig", "BrokerRejected", "BrokerUnavailable", "Completion",
+    "ConfigError", "Consumer", "ConsumerConfig", "PipelinedProducer", "Producer",
+    "ProducerConfig", "ProducerService", "ProtocolError", "PutOutcome", "RecordsRefused",
+    "Refusal", "SinkUnavailable", "ZmqlabError", "make_record", "round_robin",
 ]

@@ -89,7 +89,7 @@ Part = tuple[dict[str, Any] | ProtocolError, bytes]
 class ParkedPut:
     """A PUT waiting for room, its reply held back: the REQ producer simply waits for it."""
 
-    identity: bytes
+    route: list[bytes]  # the producer's identity, and its request tag if it pipelines
     parts: list[Part]
     deadline: float
 
@@ -216,13 +216,13 @@ class Broker(Node):
     def handle_frontend(self, frames: list[bytes], now: float) -> None:
         """Handle one message from a REQ client; every request gets exactly one reply."""
         try:
-            identity, body = proto.split_envelope(frames)
+            route, body = proto.split_envelope(frames)
         except ProtocolError as exc:
             self.log.warning("frontend: dropped malformed envelope: %s", exc.reason)
             return
-        self._answer(identity, self._request, identity, body, now)
+        self._answer(route, self._request, route, body, now)
 
-    def _answer(self, identity: bytes, handle: Callable[..., list[bytes] | None],
+    def _answer(self, route: list[bytes], handle: Callable[..., list[bytes] | None],
                 *args: Any) -> None:
         """Send ``handle(*args)``'s reply (None: a parked PUT, answered later), or its ERR."""
         try:
@@ -233,13 +233,14 @@ class Broker(Node):
             self.log.exception("frontend: internal error")
             reply = proto.encode_err(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if reply is not None:
-            self._send(FRONT, identity, reply)
+            self.outbox.append((FRONT, [*route, proto.EMPTY, *reply]))
 
-    def _request(self, identity: bytes, body: list[bytes], now: float) -> list[bytes] | None:
+    def _request(self, route: list[bytes], body: list[bytes], now: float) -> list[bytes] | None:
         message = proto.decode(body)
+        if message.command is Command.PUT:
+            return self._put(route, message, now)  # the route: a parked PUT is answered later
         handler = {
             Command.HELLO: self._hello_producer,
-            Command.PUT: self._put,
             Command.HEARTBEAT: self._heartbeat_producer,
             Command.BYE: self._bye_producer,
             Command.STATS: self._stats,
@@ -247,7 +248,7 @@ class Broker(Node):
         if handler is None:
             raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
                                 f"{message.command.name} is not a producer command")
-        return handler(identity, message, now)
+        return handler(route[0], message, now)
 
     def _hello_producer(self, identity: bytes, message: proto.Message, now: float) -> list[bytes]:
         name = proto.require(message.header, "name", str)
@@ -303,7 +304,7 @@ class Broker(Node):
         self.log.info("broker stopped")
         return True
 
-    def _put(self, identity: bytes, message: proto.Message, now: float) -> list[bytes] | None:
+    def _put(self, route: list[bytes], message: proto.Message, now: float) -> list[bytes] | None:
         """Store a PUT now, or park it (no reply yet) while the records it brings do not fit.
 
         Waiting for room instead of refusing at once is the broker's backpressure: a producer
@@ -311,6 +312,7 @@ class Broker(Node):
         consumers to acknowledge, spending no CPU, instead of resending refused records in a
         loop and taking the CPU the consumers need to make that room.
         """
+        identity = route[0]
         self._registered_producer(identity, now)
         self._check_open()
         parts: list[Part] = []
@@ -320,7 +322,7 @@ class Broker(Node):
             except ProtocolError as exc:
                 parts.append((exc, blob))
         if len(self._parked) < MAX_PARKED and self._must_wait(parts):
-            self._parked.append(ParkedPut(identity, parts, now + self.config.put_wait_ms / 1000))
+            self._parked.append(ParkedPut(route, parts, now + self.config.put_wait_ms / 1000))
             self.counters["waited"] += 1
             return None
         return self._store_parts(identity, parts, now)
@@ -346,7 +348,7 @@ class Broker(Node):
                     and self._must_wait(parked.parts)):
                 waiting.append(parked)
             else:
-                self._answer(parked.identity, self._store_parts, parked.identity, parked.parts,
+                self._answer(parked.route, self._store_parts, parked.route[0], parked.parts,
                              now)
         self._parked = waiting
 
@@ -628,7 +630,8 @@ class Broker(Node):
     # -- backend: consumers ----------------------------------------------------------------------
     def handle_backend(self, frames: list[bytes], now: float) -> None:
         try:
-            identity, body = proto.split_envelope(frames)
+            route, body = proto.split_envelope(frames)
+            identity = route[0]  # a consumer's DEALER sends no request tags
         except ProtocolError as exc:
             self.log.warning("backend: dropped malformed envelope: %s", exc.reason)
             return
@@ -824,7 +827,7 @@ class Broker(Node):
                 self.counters["expired"] += 1
                 silent = now - state.last_seen
                 self._remove_consumer(name, f"expired: silent for {silent:.1f} s", now)
-        waiting = {parked.identity for parked in self._parked}  # a REQ producer cannot send
+        waiting = {parked.route[0] for parked in self._parked}  # a REQ producer cannot send
         for identity, producer in list(self.producers.items()):  # heartbeats while it waits
             if now - producer.last_seen > expiry and identity not in waiting:
                 del self.producers[identity]  # it says HELLO again when it comes back

@@ -174,12 +174,13 @@ def load(
     records: Annotated[int, typer.Option(min=0, help="Records to send.")] = 10_000,
     rate: Annotated[float, typer.Option(min=0, help="Records/s over all clients; 0 = as fast as acks allow.")] = 0.0,  # noqa: E501
     size: Annotated[int, typer.Option(min=2, help="Payload bytes (a JSON object padded to this size).")] = 200,  # noqa: E501
-    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients (threads).")] = 6,
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients (connections, served by one thread).")] = 6,  # noqa: E501
     keys: Annotated[int, typer.Option(min=0, help="Spread records over this many keys; 0 = no key.")] = 0,  # noqa: E501
     deadline: Annotated[float, typer.Option(min=0.01, help="Stop sending after this many seconds.")] = 60.0,  # noqa: E501
     batch: Annotated[int, typer.Option(min=1, help="Records per request from one client.")] = 50,
+    window: Annotated[int, typer.Option(min=1, help="Requests in flight per client (1 = wait for each answer).")] = 4,  # noqa: E501
     timeout_ms: Annotated[int, typer.Option(min=10, help="Reply timeout per try.")] = REPLY_TIMEOUT_MS,  # noqa: E501
-    retries: Annotated[int, typer.Option(min=0, help="Reconnects per endpoint before failing over.")] = 2,  # noqa: E501
+    retries: Annotated[int, typer.Option(min=0, help="Resends per endpoint before failing over.")] = 2,  # noqa: E501
     verify_db: Annotated[str | None, typer.Option("--verify", help="Database URL: check that every acknowledged record was stored once.")] = None,  # noqa: E501
     verify_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for the database to catch up.")] = 30.0,  # noqa: E501
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,  # noqa: E501
@@ -189,8 +190,8 @@ def load(
     Exits 1 when anything was refused, left unacknowledged, lost or stored twice.
     """
     options = _options(endpoints=to, records=records, rate=rate, size=size, clients=clients,
-                       keys=keys, deadline_s=deadline, batch=batch, timeout_ms=timeout_ms,
-                       retries=retries)
+                       keys=keys, deadline_s=deadline, batch=batch, window=window,
+                       timeout_ms=timeout_ms, retries=retries)
     tune_gc()
     with _sigterm_as_interrupt():
         with _progress_bar(options.records, not as_json) as progress:

@@ -272,7 +272,7 @@ class Consumer(Node):
         self._send(Command.BYE)
         self.log.info("consumer %s stopped: %s", self.config.name, self.stats)
 
-    def _status_request(self, _client: bytes, message: proto.Message) -> list[bytes]:
+    def _status_request(self, _route: list[bytes], message: proto.Message) -> list[bytes]:
         if message.command is not Command.STATS:
             raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, "a consumer answers STATS only")
         return proto.encode(Command.STATS, self.snapshot())

@@ -1,9 +1,11 @@
 """The load generator behind ``zmqlab load`` and ``zmqlab demo``, and the check that follows it.
 
-``run_load`` drives producer services with K client threads, each with its own ``Producer``
-(sockets never cross threads; the ZeroMQ context is shared). Clients send in batches, because
-on a small machine the CPU goes to per-message Python work: a batch of 50 costs one round trip
-instead of 50. Every loop is bounded by the record count and by ``deadline_s``.
+``run_load`` drives producer services with K clients, each a connection with a window of
+requests in flight (``PipelinedProducer``), all served by one poller loop on the calling
+thread. Clients send in batches, because on a small machine the CPU goes to per-message
+Python work: a batch of 50 costs one round trip instead of 50; and they pipeline, because a
+round trip costs more CPU than the records it carries, and a window of them lets every hop
+wake once for several. Every loop is bounded by the record count and by ``deadline_s``.
 
 ``verify`` then reads the database, bounded by its own timeout, to prove what the acks
 promised: every acknowledged record is stored exactly once. Record ids carry a per-run prefix so
@@ -28,8 +30,9 @@ from sqlalchemy import func, select
 
 from zmqlab import protocol as proto
 from zmqlab.config import REPLY_TIMEOUT_MS
-from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ZmqlabError
-from zmqlab.producer import OutRecord, Producer
+from zmqlab.errors import ConfigError
+from zmqlab.pipelined import Completion, PipelinedProducer
+from zmqlab.producer import OutRecord
 from zmqlab.store import DEAD_LETTERS, RECORDS, make_engine
 
 DEFAULT_ENDPOINTS = "tcp://127.0.0.1:8080,8081,8082"
@@ -77,15 +80,17 @@ class LoadOptions:
     keys: int = 0  # records spread over this many keys; 0 = no key (round-robin)
     deadline_s: float = 60.0
     batch: int = 50  # records per PUT from one client
-    timeout_ms: int = REPLY_TIMEOUT_MS  # per try, as the Producer client's Lazy Pirate
-    retries: int = 2  # reconnects per endpoint before failing over to the next
+    window: int = 4  # PUTs in flight per client
+    timeout_ms: int = REPLY_TIMEOUT_MS  # per try of a request
+    retries: int = 2  # resends of an unanswered request per endpoint, then the next one
 
     def __post_init__(self) -> None:
         if not self.endpoints:
             raise ConfigError("at least one endpoint is needed")
         for name, value, minimum in (("records", self.records, 0), ("size", self.size, 2),
                                      ("clients", self.clients, 1), ("keys", self.keys, 0),
-                                     ("batch", self.batch, 1), ("timeout_ms", self.timeout_ms, 10),
+                                     ("batch", self.batch, 1), ("window", self.window, 1),
+                                     ("timeout_ms", self.timeout_ms, 10),
                                      ("retries", self.retries, 0)):
             if value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, got {value}")
@@ -250,6 +255,7 @@ class LoadReport:
             "by_consumer": v.by_consumer if v else None,
             "run_id": self.run_id, "endpoints": list(self.options.endpoints),
             "clients": self.options.clients, "batch": self.options.batch,
+            "window": self.options.window,
             "size": self.options.size, "rate": self.options.rate,
             "interrupted": self.interrupted, "ok": self.ok,
         }
@@ -277,27 +283,14 @@ class Progress:
 
 
 # -- the clients -------------------------------------------------------------------------------
-class _Shared:
-    """Counters the client threads add to, under one lock, once per batch."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.sent = 0
-        self.acked = 0
-        self.refused = 0
-        self.retried = 0
-
-
 @dataclass
 class _ClientResult:
     acked_runs: list[tuple[int, int, float]] = field(default_factory=list)
     latencies: list[tuple[float, int]] = field(default_factory=list)
     refusals: dict[str, dict[str, Any]] = field(default_factory=dict)
     sent: int = 0
+    acked: int = 0
     refused: int = 0
-    failovers: int = 0
-    stats: dict[str, int] = field(default_factory=dict)
-    error: BaseException | None = None
 
     def refuse(self, code: str, reason: str, count: int) -> None:
         entry = self.refusals.setdefault(code, {"count": 0, "reason": reason})
@@ -305,38 +298,32 @@ class _ClientResult:
         self.refused += count
 
 
-class _Stopped(Exception):
-    """The load was stopped while a batch was backing off."""
-
-
 class _Client:
-    """One thread's share of the load: its records, its pace, its Producer."""
+    """One connection's share of the load: its records, its pace, its pipelined producer."""
 
     def __init__(self, number: int, count: int, first_seq: int, options: LoadOptions,
-                 run_id: str, context: zmq.Context[Any], shared: _Shared,
-                 stop: threading.Event, deadline: float) -> None:
+                 run_id: str, context: zmq.Context[Any], began: float, deadline: float) -> None:
         self.number = number
         self.count = count
         self.first_seq = first_seq
         self.options = options
-        self.run_id = run_id
-        self.context = context
-        self.shared = shared
-        self.stop = stop
         self.deadline = deadline
         self.result = _ClientResult()
         endpoints = options.endpoints
         # Spread clients over endpoints; failover walks the list from there.
-        self.endpoints = [endpoints[(number + i) % len(endpoints)] for i in range(len(endpoints))]
-        self._endpoint_index = 0
-        self._retries_seen = 0
-        self._producer_now = self._producer(self.endpoints[0])  # its socket opens on first use
+        self.producer = PipelinedProducer(
+            [endpoints[(number + i) % len(endpoints)] for i in range(len(endpoints))],
+            name=f"load-{run_id}-{number}", context=context, window=options.window,
+            timeout_ms=options.timeout_ms, retries=options.retries)
         self._payloads = PayloadMaker(options.size, number)
         self._id_prefix = f"{run_id}-"
-
-    def _producer(self, endpoint: str) -> Producer:
-        return Producer(endpoint, name=f"load-{self.run_id}-{self.number}", context=self.context,
-                        timeout_ms=self.options.timeout_ms, retries=self.options.retries)
+        self._rate = options.rate / options.clients if options.rate else 0.0
+        batch = options.batch
+        if self._rate:
+            batch = max(1, min(batch, int(self._rate * PACE_WINDOW_S)))
+        self._batch = batch
+        self._began = began
+        self.submitted = 0
 
     def _records(self, start: int, n: int) -> list[OutRecord]:
         keys, prefix = self.options.keys, self._id_prefix
@@ -347,122 +334,68 @@ class _Client:
             self._payloads.many(start, n), [f"{prefix}{seq}" for seq in seqs], key_column,
             repeat(time.time()))))
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by run_load; a thread must not die silently
-            self.result.error = exc
+    def next_send(self) -> float | None:
+        """When this client sends its next batch (its pace), None when it sends no more."""
+        if self.submitted >= self.count or self.producer.unavailable:
+            return None
+        if not self._rate:
+            return self._began
+        return self._began + self.submitted / self._rate
 
-    def _run(self) -> None:
-        options, result = self.options, self.result
-        per_client_rate = options.rate / options.clients if options.rate else 0.0
-        batch = options.batch
-        if per_client_rate:
-            batch = max(1, min(batch, int(per_client_rate * PACE_WINDOW_S)))
-        started = time.monotonic()
-        done = 0
-        try:
-            while done < self.count and not self.stop.is_set():
-                now = time.monotonic()
-                if now >= self.deadline:
-                    break
-                if per_client_rate:
-                    due = started + done / per_client_rate
-                    if due > now:  # pacing for --rate, not synchronisation
-                        self.stop.wait(min(due - now, self.deadline - now))
-                        continue
-                n = min(batch, self.count - done)
-                first = self.first_seq + done
-                records = self._records(first, n)
-                with self.shared.lock:
-                    self.shared.sent += n
-                result.sent += n
-                sent_at = time.monotonic()
-                try:
-                    acked, refused, go_on = self._send(records)
-                finally:
-                    self._publish_retries()
-                latency = time.monotonic() - sent_at
-                count = n if acked is None else len(acked)
-                if count:
-                    result.latencies.append((latency, count))
-                    created = records[0].created_at
-                    if acked is None:
-                        result.acked_runs.append((first, n, created))
-                    else:
-                        result.acked_runs.extend((first + i, c, created)
-                                                 for i, c in proto.to_runs(acked))
-                done += n
-                with self.shared.lock:
-                    self.shared.acked += count
-                    self.shared.refused += refused
-                if not go_on:
-                    break
-        finally:
-            self._merge_stats(self._producer_now)
-            self._producer_now.close()
+    def fill(self, now: float) -> int:
+        """Send batches while the window has room and the pace allows; how many records."""
+        sent = 0
+        producer = self.producer
+        while producer.free and now < self.deadline:
+            due = self.next_send()
+            if due is None or due > now:
+                break
+            n = min(self._batch, self.count - self.submitted)
+            first = self.first_seq + self.submitted
+            producer.submit(self._records(first, n), first, now=now, deadline=self.deadline)
+            self.submitted += n
+            sent += n
+        self.result.sent += sent
+        return sent
 
-    def _send(self, records: list[OutRecord]) -> tuple[list[int] | None, int, bool]:
-        """(indices of the acknowledged records, None for all; refused count; carry on) for
-        one batch, failing over if silent."""
-        n, result = len(records), self.result
-        tried: list[str] = []
-        while True:
-            producer = self._producer_now
-            producer.deadline_s = max(0.05, self.deadline - time.monotonic())
-            try:
-                outcome = producer.put_batch(records, sleep=self._pause)
-                if not outcome.refusals:
-                    return None, 0, True
-                for refusal in outcome.refusals:
-                    result.refuse(refusal.code, refusal.reason, 1)
-                return outcome.acked_indices(), len(outcome.refusals), True
-            except _Stopped:
-                return [], 0, False  # outcome unknown; the report says interrupted
-            except BrokerUnavailable:
-                # Failover: the same ids on the next endpoint are idempotent at the broker.
-                tried.append(producer.endpoint)
-                if self._endpoint_index + 1 >= len(self.endpoints) or self.stop.is_set():
-                    result.refuse("UNAVAILABLE", f"no answer from {', '.join(tried)} "
-                                  f"({options_tries(self.options)})", n)
-                    return [], n, False  # every endpoint is silent: the rest stays unsent
-                self._endpoint_index += 1
-                result.failovers += 1
-                self._publish_retries(failover=True)
-                self._merge_stats(producer)
-                producer.close()
-                self._producer_now = self._producer(self.endpoints[self._endpoint_index])
-                self._retries_seen = 0
-            except BrokerRejected as exc:  # the whole request refused (e.g. HELLO refused)
-                result.refuse(exc.code, exc.reason, n)
-                return [], n, True
-            except ZmqlabError as exc:  # e.g. a garbled reply: count it, keep going
-                result.refuse(str(getattr(exc, "code", type(exc).__name__)), str(exc), n)
-                return [], n, True
+    def complete(self, done: list[Completion]) -> tuple[int, int]:
+        """Account for finished requests: (records acknowledged, records refused)."""
+        result = self.result
+        acked_total = refused_total = 0
+        for completion in done:
+            first, outcome, n = completion.token, completion.outcome, len(completion.records)
+            created = completion.records[0].created_at
+            for refusal in outcome.refusals:
+                result.refuse(refusal.code, refusal.reason, 1)
+            if not outcome.refusals:
+                result.acked_runs.append((first, n, created))
+                count = n
+            else:
+                acked = outcome.acked_indices()
+                result.acked_runs.extend((first + i, c, created) for i, c in proto.to_runs(acked))
+                count = len(acked)
+            if count:
+                result.latencies.append((completion.latency_s, count))
+            acked_total += count
+            refused_total += len(outcome.refusals)
+        result.acked += acked_total
+        return acked_total, refused_total
 
-    def _publish_retries(self, failover: bool = False) -> None:
-        """Add the current Producer's new retries (and a failover) to the progress counters."""
-        seen = _retries(self._producer_now.stats)
-        delta, self._retries_seen = seen - self._retries_seen, seen
-        with self.shared.lock:
-            self.shared.retried += delta + failover
+    def finished(self, now: float) -> bool:
+        """Nothing in flight, and nothing more to send (or the deadline passed)."""
+        return not self.producer.in_flight and (now >= self.deadline or self.next_send() is None)
 
-    def _pause(self, seconds: float) -> None:
-        """Backoff between retries of refused records that ends at once when stopped."""
-        if self.stop.wait(seconds):
-            raise _Stopped
-
-    def _merge_stats(self, producer: Producer) -> None:
-        for key, value in producer.stats.items():
-            self.result.stats[key] = self.result.stats.get(key, 0) + value
-
-
-def options_tries(options: LoadOptions) -> str:
-    return f"{options.retries + 1} tries of {options.timeout_ms} ms each"
+    def wake_at(self, now: float) -> float | None:
+        """The next time this client has something to do without an answer arriving."""
+        times = [t for t in (self.producer.next_due(),) if t is not None]
+        due = self.next_send()
+        if due is not None and self.producer.free and now < self.deadline:
+            times.append(due)
+        return min(times, default=None)
 
 
 def _retries(stats: Mapping[str, int]) -> int:
-    return stats.get("backpressure_retries", 0) + stats.get("reconnects", 0)
+    return stats.get("backpressure_retries", 0) + stats.get("resends", 0)
 
 
 def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | None = None,
@@ -471,83 +404,109 @@ def run_load(options: LoadOptions, *, progress: Callable[[Progress], None] | Non
              context: zmq.Context[Any] | None = None) -> LoadReport:
     """Send ``options.records`` records and return what happened to them.
 
-    Blocks until every client finished, the deadline passed, or ``stop`` was set (also set on
-    KeyboardInterrupt, which then ends the load early with ``interrupted`` in the report).
-    ``progress`` is called on this thread about every ``progress_interval_s``. A ``context``
-    given by the caller (needed for ``inproc://`` endpoints) is left open; one made here is
-    terminated.
+    One thread, one poller: the ``options.clients`` clients are connections, each with up to
+    ``options.window`` requests in flight (``PipelinedProducer``), served by this loop. It
+    ends when every client is done, at the deadline plus the tries of what is still in flight,
+    or when ``stop`` is set (KeyboardInterrupt sets it), with ``interrupted`` in the report.
+    ``progress`` is called about every ``progress_interval_s``. A ``context`` given by the
+    caller (needed for ``inproc://`` endpoints) is left open; one made here is terminated.
     """
     stop = stop or threading.Event()
     run_id = run_id or uuid.uuid4().hex[:12]
     report = LoadReport(options, run_id, records=options.records)
     own_context = context is None
     context = zmq.Context() if context is None else context
-    shared = _Shared()
     began = time.monotonic()
     deadline = began + options.deadline_s
     share, extra = divmod(options.records, options.clients)
     clients: list[_Client] = []
     first = 0
-    for number in range(options.clients):
-        count = share + (1 if number < extra else 0)
-        clients.append(_Client(number, count, first, options, run_id, context, shared, stop,
-                               deadline))
-        first += count
-    threads = [threading.Thread(target=c.run, name=f"zmqlab-load-{c.number}", daemon=True)
-               for c in clients if c.count]
-    for thread in threads:
-        thread.start()
-
-    def snapshot() -> Progress:
-        with shared.lock:
-            return Progress(options.records, shared.sent, shared.acked, shared.refused,
-                            shared.retried, time.monotonic() - began)
-
-    # Clients end by the deadline plus one in-flight request's tries (and a backoff).
-    hard_stop = deadline + (options.retries + 1) * options.timeout_ms / 1000 * 2 + 5
     try:
-        for thread in threads:
-            while thread.is_alive() and time.monotonic() < hard_stop:
-                thread.join(progress_interval_s)
-                if progress is not None:
-                    progress(snapshot())
-    except KeyboardInterrupt:
-        report.interrupted = True
-        stop.set()
-        for thread in threads:
-            thread.join(max(0.0, hard_stop - time.monotonic()))
-    report.seconds = time.monotonic() - began
-    if any(t.is_alive() for t in threads):  # past the hard stop: should not happen, but bound it
-        stop.set()
-        for thread in threads:
-            thread.join(1.0)
-    if stop.is_set():
-        report.interrupted = True
-    if progress is not None:
-        progress(snapshot())
-    stuck = any(t.is_alive() for t in threads)
-    latencies: list[tuple[float, int]] = []
-    for client in clients:
-        result = client.result
-        if result.error is not None:
-            raise result.error
-        report.sent += result.sent
-        report.acked += sum(count for _, count, _ in result.acked_runs)
-        report.acked_runs.extend(result.acked_runs)
-        report.refused += result.refused
-        report.failovers += result.failovers
-        for code, entry in result.refusals.items():
-            merged = report.refusals.setdefault(code, {"count": 0, "reason": entry["reason"]})
-            merged["count"] += entry["count"]
-        report.retried += _retries(result.stats) + result.failovers
-        report.acked_duplicate += result.stats.get("duplicates", 0)
-        latencies.extend(result.latencies)
-    latencies.sort()
-    report.ack_latencies = latencies
-    if not stuck:  # sockets are closed by their threads; a stuck one would block term()
+        for number in range(options.clients):
+            count = share + (1 if number < extra else 0)
+            if count:
+                clients.append(_Client(number, count, first, options, run_id, context, began,
+                                       deadline))
+            first += count
+        _drive(clients, report, options, stop, progress, progress_interval_s, began, deadline)
+    finally:
+        for client in clients:
+            client.producer.close()
         if own_context:
             context.term()
     return report
+
+
+def _drive(clients: list[_Client], report: LoadReport, options: LoadOptions,
+           stop: threading.Event, progress: Callable[[Progress], None] | None,
+           progress_interval_s: float, began: float, deadline: float) -> None:
+    """The load's one loop: send what the windows and paces allow, read answers, resend."""
+    # Past the deadline nothing new goes out; what is in flight gets its tries (bounded).
+    hard_stop = deadline + (options.retries + 1) * options.timeout_ms / 1000 * 2 + 5
+    sent = acked = refused = 0
+    poller = zmq.Poller()
+    by_socket: dict[zmq.Socket[Any], _Client] = {}
+    next_progress = began
+
+    def show(now: float) -> None:
+        retried = sum(_retries(c.producer.stats) + c.producer.stats["failovers"]
+                      for c in clients)
+        if progress is not None:
+            progress(Progress(options.records, sent, acked, refused, retried, now - began))
+
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            active = [c for c in clients if not c.finished(now)]
+            if not active or now >= hard_stop:
+                break
+            for client in active:
+                sent += client.fill(now)
+            sockets = {c.producer.socket: c for c in active if c.producer.socket is not None}
+            if sockets.keys() != by_socket.keys():  # a failover replaced a socket
+                poller = zmq.Poller()
+                for sock in sockets:
+                    poller.register(sock, zmq.POLLIN)
+                by_socket = sockets
+            wake = min((t for t in (c.wake_at(now) for c in active) if t is not None),
+                       default=now + progress_interval_s)
+            wake = min(wake, next_progress + progress_interval_s, hard_stop)
+            events = poller.poll(max(0, math.ceil((wake - now) * 1000))) if by_socket else []
+            now = time.monotonic()
+            for sock, _ in events:
+                client = by_socket[sock]
+                a, r = client.complete(client.producer.handle_replies(now))
+                acked, refused = acked + a, refused + r
+            for client in active:
+                if (due := client.producer.next_due()) is not None and due <= now:
+                    a, r = client.complete(client.producer.tick(now))
+                    acked, refused = acked + a, refused + r
+            if now >= next_progress + progress_interval_s:
+                next_progress = now
+                show(now)
+    except KeyboardInterrupt:
+        stop.set()
+    now = time.monotonic()
+    report.seconds = now - began
+    if stop.is_set() or any(c.producer.in_flight for c in clients):
+        report.interrupted = True  # what was in flight has no known outcome
+    show(now)
+    latencies: list[tuple[float, int]] = []
+    for client in clients:
+        result, stats = client.result, client.producer.stats
+        report.sent += result.sent
+        report.acked += result.acked
+        report.acked_runs.extend(result.acked_runs)
+        report.refused += result.refused
+        report.failovers += stats["failovers"]
+        for code, entry in result.refusals.items():
+            merged = report.refusals.setdefault(code, {"count": 0, "reason": entry["reason"]})
+            merged["count"] += entry["count"]
+        report.retried += _retries(stats) + stats["failovers"]
+        report.acked_duplicate += stats["duplicates"]
+        latencies.extend(result.latencies)
+    latencies.sort()
+    report.ack_latencies = latencies
 
 
 # -- verification ------------------------------------------------------------------------------

@@ -95,14 +95,16 @@ def bind(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
         raise ZmqlabError(f"cannot bind {what} on {endpoint}: {exc}") from None
 
 
-Handler = Callable[[bytes, proto.Message], list[bytes] | None]
+Handler = Callable[[list[bytes], proto.Message], list[bytes] | None]
 
 
 def serve_requests(sock: zmq.Socket[Any], handle: Handler, limit: int = 256) -> None:
     """Answer what waits on a ROUTER (non-blocking, at most ``limit`` messages).
 
-    ``handle(identity, message)`` returns the reply frames, or None to answer later; a
-    ProtocolError becomes an ERR reply, so a bad request never reaches the node's state.
+    ``handle(route, message)`` returns the reply frames, or None to answer later to
+    ``[*route, EMPTY, *reply]`` (the route is the sender's identity and any request tag, see
+    ``protocol.split_envelope``); a ProtocolError becomes an ERR reply, so a bad request never
+    reaches the node's state.
     """
     for _ in range(limit):
         try:
@@ -110,15 +112,15 @@ def serve_requests(sock: zmq.Socket[Any], handle: Handler, limit: int = 256) -> 
         except zmq.Again:
             return
         try:
-            identity, body = proto.split_envelope(frames)
+            route, body = proto.split_envelope(frames)
         except ProtocolError:
             continue  # no envelope: nobody to answer
         try:
-            reply = handle(identity, proto.decode(body))
+            reply = handle(route, proto.decode(body))
         except ProtocolError as exc:
             reply = proto.encode_err(exc.code, exc.reason)
         if reply is not None:
-            send_frames(sock, [identity, proto.EMPTY, *reply])
+            send_frames(sock, [*route, proto.EMPTY, *reply])
 
 
 class Node:

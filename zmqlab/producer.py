@@ -147,6 +147,44 @@ def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
                           f"{exc}") from None
 
 
+Failed = list[tuple[int, str, str, bool]]  # (record index, code, reason, retryable)
+
+
+def apply_put_reply(reply: proto.Message, todo: Sequence[int], outcome: PutOutcome) -> Failed:
+    """Add a PUT reply's acks and duplicates to ``outcome``; return the records it refused.
+
+    ``todo`` holds the batch indices of the records the PUT carried, in order: the reply
+    counts positions in the PUT, and a retried PUT carries only the records still refused.
+    """
+    if reply.command is Command.ERR or "code" in reply.header:
+        code, reason, retryable = proto.error_of(reply)
+        return [(i, code, reason, retryable) for i in todo]
+    if reply.command is not Command.ACK:
+        raise BrokerRejected(ErrorCode.BAD_MESSAGE.value,
+                             f"unexpected reply {reply.command.name} to PUT")
+    header = reply.header
+    for index, count, partition, first in header.get("acks", []):
+        outcome.placed.append((list(todo[index:index + count]), partition, first))
+    outcome.dups.extend((todo[index], partition, offset)
+                        for index, partition, offset in header.get("dups", []))
+    return [(todo[e[0]], e[1], e[2], bool(e[3])) for e in header.get("errors", [])]
+
+
+def settle_refused(failed: Failed, records: Sequence[OutRecord], outcome: PutOutcome,
+                   may_retry: bool) -> list[int]:
+    """The refused records to try again (retryable ones, while ``may_retry``), in order; the
+    rest become ``outcome.refusals``, saying when a retryable refusal outlived the deadline."""
+    retry: list[int] = []
+    for i, code, reason, retryable in failed:
+        if retryable and may_retry:
+            retry.append(i)
+        else:
+            why = reason if not retryable else f"{reason} (still refused at the deadline)"
+            outcome.refusals.append(Refusal(records[i].id, code, why, retryable))
+    retry.sort()
+    return retry
+
+
 class Producer:
     """A blocking client for the broker's frontend or a producer service's ingress."""
 
@@ -251,29 +289,11 @@ class Producer:
         self.stats["sent"] += len(records)
         while todo:
             reply = self.request(encode_put([records[i] for i in todo]))
-            retry: list[int] = []
-            if reply.command is Command.ERR or "code" in reply.header:
-                code, reason, retryable = proto.error_of(reply)
-                failed = [(i, code, reason, retryable) for i in todo]
-            elif reply.command is Command.ACK:
-                header = reply.header
-                for index, count, partition, first in header.get("acks", []):
-                    outcome.placed.append((todo[index:index + count], partition, first))
-                dups = header.get("dups", [])
-                outcome.dups.extend((todo[index], partition, offset)
-                                    for index, partition, offset in dups)
-                self.stats["duplicates"] += len(dups)
-                failed = [(todo[e[0]], e[1], e[2], bool(e[3])) for e in header.get("errors", [])]
-            else:
-                raise BrokerRejected(ErrorCode.BAD_MESSAGE.value,
-                                     f"unexpected reply {reply.command.name} to PUT")
-            for i, code, reason, retryable in failed:
-                if retryable and time.monotonic() + delay < deadline:
-                    retry.append(i)
-                else:
-                    why = reason if not retryable else f"{reason} (still refused at the deadline)"
-                    outcome.refusals.append(Refusal(records[i].id, code, why, retryable))
-            todo = sorted(retry)
+            dups_before = len(outcome.dups)
+            failed = apply_put_reply(reply, todo, outcome)
+            self.stats["duplicates"] += len(outcome.dups) - dups_before
+            todo = settle_refused(failed, records, outcome,
+                                  time.monotonic() + delay < deadline)
             if todo:
                 self.stats["backpressure_retries"] += len(todo)
                 sleep(delay)  # backoff between tries, not synchronisation
@@ -295,7 +315,7 @@ class Producer:
 class _ClientPut:
     """A client's PUT part, kept as the frames it came in: forwarded, never re-encoded."""
 
-    client: bytes
+    route: list[bytes]  # the client's identity and request tag, echoed in front of the answer
     count: int
     header: bytes
     blob: bytes
@@ -392,7 +412,7 @@ class ProducerService(Node):
             self._tick(self.clock(), ingress)
 
     # -- clients -----------------------------------------------------------------------------
-    def _client_message(self, client: bytes, message: proto.Message) -> list[bytes] | None:
+    def _client_message(self, route: list[bytes], message: proto.Message) -> list[bytes] | None:
         command = message.command
         if command is Command.PUT:
             # The broker checks every record (a bad part spoils only that client's part);
@@ -408,7 +428,7 @@ class ProducerService(Node):
                 raise ProtocolError(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
                                     f"holds {backlog} records for the broker; retry later")
             self.stats["received"] += count
-            self.up.pending.append(_ClientPut(client, count, message.raw_header,
+            self.up.pending.append(_ClientPut(route, count, message.raw_header,
                                               message.payloads[0]))
             self.up.pending_records += count
             return None  # answered when the broker acknowledges
@@ -473,7 +493,7 @@ class ProducerService(Node):
             replies = [error] * len(batch.puts)
         if ingress is not None:
             for put, answer_frames in zip(batch.puts, replies, strict=True):
-                send_frames(ingress, [put.client, proto.EMPTY, *answer_frames])
+                send_frames(ingress, [*put.route, proto.EMPTY, *answer_frames])
 
     def _tick(self, now: float, ingress: zmq.Socket[Any] | None) -> None:
         up = self.up

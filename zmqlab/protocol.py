@@ -271,11 +271,23 @@ def split_payloads(sizes: Sequence[Any], frames: Sequence[bytes]) -> list[bytes]
     return out
 
 
-def split_envelope(frames: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
-    """Split a ROUTER message into (sender identity, message frames after the delimiter)."""
-    if len(frames) < 2 or frames[1] != EMPTY:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "missing empty delimiter frame after identity")
-    return bytes(frames[0]), list(frames[2:])
+MAX_ROUTE = 4  # frames before the delimiter: an identity and up to three request tags
+
+
+def split_envelope(frames: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split a ROUTER message into (return route, message frames after the delimiter).
+
+    The route is every frame before the first empty one, as ZeroMQ's own envelopes are: the
+    ROUTER's identity of the sender, then whatever the sender put before the delimiter. A REQ
+    client puts nothing there; a pipelined DEALER client puts a request tag, which comes back
+    in front of the reply, so it can match replies to requests with many in flight. The route
+    is echoed, never read: a node answers ``[*route, EMPTY, *reply]``.
+    """
+    for index in range(1, min(len(frames), MAX_ROUTE + 1)):
+        if frames[index] == EMPTY:
+            return [bytes(f) for f in frames[:index]], list(frames[index + 1:])
+    raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing empty delimiter frame within the "
+                        f"first {MAX_ROUTE + 1} frames (identity, request tags)")
 
 
 def require(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
