@@ -214,7 +214,7 @@ class Broker(Node):
                             self.dispatch(now)
 
     def _send(self, side: str, identity: bytes, frames: list[bytes]) -> None:
-        self.outbox.append((side, [identity, proto.EMPTY, *frames]))
+        self.outbox.append((side, proto.envelope((identity,), frames)))
 
     # -- frontend: producers and status clients ------------------------------------------------
     def handle_frontend(self, frames: list[bytes], now: float) -> None:
@@ -237,7 +237,7 @@ class Broker(Node):
             self.log.exception("frontend: internal error")
             reply = proto.encode_err(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if reply is not None:
-            self.outbox.append((FRONT, [*route, proto.EMPTY, *reply]))
+            self.outbox.append((FRONT, proto.envelope(route, reply)))
 
     def _request(self, route: list[bytes], body: list[bytes], now: float) -> list[bytes] | None:
         message = proto.decode(body)

@@ -387,11 +387,10 @@ class _Client:
 
     def wake_at(self, now: float) -> float | None:
         """The next time this client has something to do without an answer arriving."""
-        times = [t for t in (self.producer.next_due(),) if t is not None]
-        due = self.next_send()
-        if due is not None and self.producer.free and now < self.deadline:
-            times.append(due)
-        return min(times, default=None)
+        times = [self.producer.next_due()]
+        if self.producer.free and now < self.deadline:
+            times.append(self.next_send())
+        return min((t for t in times if t is not None), default=None)
 
 
 def _retries(stats: Mapping[str, int]) -> int:

@@ -120,7 +120,7 @@ def serve_requests(sock: zmq.Socket[Any], handle: Handler, limit: int = 256) -> 
         except ProtocolError as exc:
             reply = proto.encode_err(exc.code, exc.reason)
         if reply is not None:
-            send_frames(sock, [*route, proto.EMPTY, *reply])
+            send_frames(sock, proto.envelope(route, reply))
 
 
 class Node:

@@ -102,7 +102,6 @@ class PipelinedProducer:
         self.name = name or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.context: zmq.Context[Any] = context or zmq.Context.instance()
         self.window = window
-        self.timeout_s = timeout_ms / 1000
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.deadline_s = deadline_s
@@ -233,11 +232,14 @@ class PipelinedProducer:
         self._by_tag.clear()  # answers from the last endpoint are of no use now
         self.socket = new_socket(self.context, zmq.DEALER, sndhwm=0)
         self.socket.connect(self.endpoint)
+        self._hello()
+
+    def _hello(self) -> None:
+        """Register; not waited for: PUTs queue behind it on the connection, which keeps
+        order, and one sent before the answer is simply resent if refused NOT_REGISTERED."""
         tag = self._tag()
         self._by_tag[tag] = _HELLO
-        # Not waited for: the PUTs queue behind it on the same connection, which keeps order.
-        self._write([tag, proto.EMPTY, *proto.encode(Command.HELLO, {"role": "producer",
-                                                                     "name": self.name})])
+        self._write(proto.envelope((tag,), proto.encode_hello_producer(self.name)))
 
     def _write(self, frames: list[bytes]) -> None:
         assert self.socket is not None
@@ -250,18 +252,15 @@ class PipelinedProducer:
         tag = self._tag()
         request.tag = tag
         request.tries += 1
-        request.due = now + self.timeout_s
+        request.due = now + self.timeout_ms / 1000
         self._by_tag[tag] = request
-        self._write([tag, proto.EMPTY, *request.frames])
+        self._write(proto.envelope((tag,), request.frames))
 
     def _answered(self, request: _Request, reply: proto.Message, now: float,
                   done: list[Completion]) -> None:
         if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
             # The broker restarted or forgot us: HELLO again, then the same PUT (a try).
-            tag = self._tag()
-            self._by_tag[tag] = _HELLO
-            self._write([tag, proto.EMPTY, *proto.encode(Command.HELLO, {
-                "role": "producer", "name": self.name})])
+            self._hello()
             request.tag, request.due = None, now  # the next tick resends it, as a try
             self.stats["resends"] += 1
             return

@@ -241,8 +241,7 @@ class Producer:
         """One request, retried on silence; registers (HELLO) first where needed."""
         for _ in range(self.retries + 1):
             if register and not self._registered:
-                welcome = self._exchange(proto.encode(Command.HELLO,
-                                                      {"role": "producer", "name": self.name}))
+                welcome = self._exchange(proto.encode_hello_producer(self.name))
                 if welcome is None:
                     continue
                 if welcome.command is Command.ERR:
@@ -380,8 +379,7 @@ class ProducerService(Node):
         self._req = new_socket(self.context, zmq.REQ)
         self._req.connect(self.config.broker)
         self.up.registered = False
-        self._upstream(proto.encode(Command.HELLO, {"role": "producer", "name": self.config.name}),
-                       "hello")
+        self._upstream(proto.encode_hello_producer(self.config.name), "hello")
 
     def _upstream(self, frames: list[bytes], awaiting: str) -> None:
         assert self._req is not None
@@ -452,8 +450,7 @@ class ProducerService(Node):
             reply = proto.Message(Command.ERR, {"code": exc.code, "reason": exc.reason})
         if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
             self.up.registered = False
-            self._upstream(proto.encode(Command.HELLO, {"role": "producer",
-                                                        "name": self.config.name}), "hello")
+            self._upstream(proto.encode_hello_producer(self.config.name), "hello")
             return
         if awaiting == "hello":
             if reply.command is Command.WELCOME:
@@ -493,7 +490,7 @@ class ProducerService(Node):
             replies = [error] * len(batch.puts)
         if ingress is not None:
             for put, answer_frames in zip(batch.puts, replies, strict=True):
-                send_frames(ingress, [*put.route, proto.EMPTY, *answer_frames])
+                send_frames(ingress, proto.envelope(put.route, answer_frames))
 
     def _tick(self, now: float, ingress: zmq.Socket[Any] | None) -> None:
         up = self.up

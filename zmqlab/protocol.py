@@ -129,6 +129,11 @@ def encode(command: Command, header: dict[str, Any] | None = None,
     return [VERSION, command.value, dump(header or {}), *payloads]
 
 
+def encode_hello_producer(name: str) -> list[bytes]:
+    """The HELLO a producer (a service, or a client of one) registers with."""
+    return encode(Command.HELLO, {"role": "producer", "name": name})
+
+
 def encode_err(code: ErrorCode | str, reason: str, **extra: Any) -> list[bytes]:
     code = ErrorCode(code)
     header = {"code": code.value, "reason": reason, "retryable": code in RETRYABLE, **extra}
@@ -288,6 +293,11 @@ def split_envelope(frames: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
             return [bytes(f) for f in frames[:index]], list(frames[index + 1:])
     raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing empty delimiter frame within the "
                         f"first {MAX_ROUTE + 1} frames (identity, request tags)")
+
+
+def envelope(route: Sequence[bytes], body: Sequence[bytes]) -> list[bytes]:
+    """The frames that send ``body`` back along ``route`` (see ``split_envelope``)."""
+    return [*route, EMPTY, *body]
 
 
 def require(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
