@@ -132,9 +132,8 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
     cpu = time.process_time()
     for start in range(first_seq, first_seq + records, batch):
         seqs = range(start, min(start + batch, first_seq + records))
-        now = time.time()
-        metas = [[f"{run_id}-{seq}", None, now] for seq in seqs]
-        header = dump({"producer": producer, "records": metas})
+        header = dump({"producer": producer, "ids": [f"{run_id}-{seq}" for seq in seqs],
+                       "created_us": round(time.time() * 1_000_000)})
         send_frames(push, [header, *payloads.many(seqs.start, len(seqs))])
     push.close()
     context.term()
@@ -142,12 +141,13 @@ def _ceiling_client(endpoints: list[str], records: int, first_seq: int, number: 
 
 
 def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None:
-    """PULL batches and store them with zmqlab's own Sink, up to 5000 records a transaction."""
+    """PULL batches and store them with zmqlab's own Sink (columns, as a zmqlab consumer
+    hands them over), up to 5000 records a transaction."""
     import zmq
 
     from zmqlab.node import NOBLOCK, recv_frames
     from zmqlab.protocol import parse_json
-    from zmqlab.store import Batch, Delivery, Sink, make_engine
+    from zmqlab.store import Batch, Records, Sink, make_engine
 
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -169,14 +169,12 @@ def _ceiling_consumer(endpoint: str, db_url: str, name: str, ready: Any) -> None
             except zmq.Again:
                 break
             header = parse_json(frames[0])
-            deliveries = []
-            for (record_id, key, created_at), payload in zip(header["records"], frames[1:],
-                                                             strict=True):
-                deliveries.append(Delivery(0, offset, record_id, key, header["producer"],
-                                           created_at, 1, payload))
-                offset += 1
-            batches.append(Batch(0, 0, deliveries))
-            count += len(deliveries)
+            ids, n = header["ids"], len(frames) - 1
+            batches.append(Batch(0, 0, records=Records(
+                list(range(offset, offset + n)), ids, [None] * n, [header["producer"]] * n,
+                [header["created_us"]] * n, [1] * n, frames[1:])))
+            offset += n
+            count += n
         if batches:
             sink.store(batches)
     pull.close(0)

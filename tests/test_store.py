@@ -8,7 +8,16 @@ import pytest
 from sqlalchemy import select
 
 from zmqlab.errors import ConfigError, SinkUnavailable
-from zmqlab.store import DEAD_LETTERS, RECORDS, Batch, Delivery, Sink, load_transform, make_engine
+from zmqlab.store import (
+    DEAD_LETTERS,
+    RECORDS,
+    Batch,
+    Delivery,
+    Records,
+    Sink,
+    load_transform,
+    make_engine,
+)
 
 
 def delivery(n: int, attempt: int = 1, payload: bytes | None = None) -> Delivery:
@@ -170,3 +179,50 @@ def test_a_sqlite_sink_checkpoints_what_it_wrote_when_it_closes(db_url):
     assert os.path.getsize(path) == before
     sink.close()
     assert os.path.getsize(path) > before
+
+
+def columns_of(deliveries: list[Delivery]) -> Records:
+    return Records([d.offset for d in deliveries], [d.id for d in deliveries],
+                   [d.key for d in deliveries], [d.producer for d in deliveries],
+                   [round(d.created_at * 1_000_000) for d in deliveries],
+                   [d.attempt for d in deliveries], [d.payload for d in deliveries])
+
+
+def test_a_columnar_batch_stores_the_same_rows_as_its_deliveries(tmp_path):
+    made = [Delivery(3, 10 + n, f"c{n}", "k" if n % 2 else None, "8081",
+                     (1_700_000_000_250_000 + n * 142_857) / 1_000_000, 1 + n % 2,
+                     b'{"n": %d, "s": "\xc3\xa9"}' % n)
+            for n in range(5)]
+    stored = []
+    for name, batch in (("objects", Batch(3, 2, made)),
+                        ("columns", Batch(3, 2, records=columns_of(made)))):
+        sink = Sink.open(f"sqlite:///{tmp_path / name}.db", "9091")
+        (outcome,) = sink.store([batch])
+        assert (outcome.inserted, outcome.duplicates, outcome.done) == (5, 0, True)
+        stored.append([{k: v for k, v in r.items() if k != "stored_at"} for r in rows(sink)])
+        sink.close()
+    assert stored[0] == stored[1]
+    assert stored[1][0]["payload"] == {"n": 0, "s": "é"}
+
+
+def test_a_columnar_batch_falls_back_to_its_records_one_by_one(db_url):
+    sink = Sink.open(db_url, "9090", max_attempts=2)
+    sink.store([Batch(0, 1, [delivery(1)])])
+    records = columns_of([delivery(0), delivery(1), delivery(2, attempt=3), delivery(3)])
+    records.producers[3] = None  # type: ignore[call-overload]  # NOT NULL: fails on its own
+    batch = Batch(0, 2, records=records)
+    assert (len(batch), batch.offsets) == (4, [0, 1, 2, 3])
+    (outcome,) = sink.store([batch])
+    assert (outcome.inserted, outcome.duplicates, outcome.dead) == (1, 1, [2])
+    assert [(d.id, d.failures) for d in outcome.failed] == [("id3", 1)]
+    assert batch.records is None  # its deliveries carry the failures from now on
+    assert sorted(r["id"] for r in rows(sink)) == ["id0", "id1"]
+    sink.close()
+
+
+def test_a_batch_needs_deliveries_or_columns_of_one_length():
+    with pytest.raises(TypeError):
+        Batch(0, 1)
+    records = columns_of([delivery(0), delivery(1)])
+    with pytest.raises(ValueError, match="differ in length"):
+        Batch(0, 1, records=records._replace(ids=["only-one"]))

@@ -24,7 +24,7 @@ from zmqlab.config import ConsumerConfig
 from zmqlab.errors import ProtocolError, ZmqlabError
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames, serve_requests
 from zmqlab.protocol import Command, ErrorCode
-from zmqlab.store import Batch, Delivery, Sink, check_url, load_transform
+from zmqlab.store import Batch, Delivery, Records, Sink, check_url, load_transform
 
 MAX_RECORDS_PER_TRANSACTION = 5000
 RECORD_COLUMNS = ("ids", "keys", "producers", "created_us", "attempts", "sizes")
@@ -192,6 +192,8 @@ class Consumer(Node):
                 self.log.warning("broker refused: %s %s", code, reason)
 
     def _accept(self, message: proto.Message) -> None:
+        """Queue each partition's records for the worker as columns (``Records``): no object
+        per record on this thread, which shares the GIL with the worker's transaction."""
         entries = proto.require(message.header, "batches", list)
         parts: list[tuple[int, int, list[int], dict[str, Any]]] = []
         sizes: list[Any] = []
@@ -203,17 +205,17 @@ class Consumer(Node):
             parts.append((proto.require(entry, "partition", int),
                           proto.require(entry, "epoch", int), offsets, columns))
             sizes.extend(columns["sizes"])
-        payloads = iter(proto.split_payloads(sizes, message.payloads))
+        payloads = proto.split_payloads(sizes, message.payloads)
+        start = 0
         for number, epoch, offsets, c in parts:
-            deliveries = [Delivery(number, offset, record_id, key, producer, created_us / 1e6,
-                                   attempt, next(payloads))
-                          for offset, record_id, key, producer, created_us, attempt in zip(
-                              offsets, c["ids"], c["keys"], c["producers"], c["created_us"],
-                              c["attempts"], strict=True)]
-            self.stats["received"] += len(deliveries)
+            end = start + len(offsets)
+            records = Records(offsets, c["ids"], c["keys"], c["producers"], c["created_us"],
+                              c["attempts"], payloads[start:end])
+            start = end
+            self.stats["received"] += len(offsets)
             self.outstanding += 1
-            self.outstanding_records += len(deliveries)
-            self._jobs.put(Batch(number, epoch, deliveries, self.session))
+            self.outstanding_records += len(offsets)
+            self._jobs.put(Batch(number, epoch, session=self.session, records=records))
 
     def _finish(self, bell: zmq.Socket[Any]) -> None:
         """Acknowledge what the worker committed (only for the current registration)."""
@@ -237,18 +239,18 @@ class Consumer(Node):
                 continue
             batch = result.batch
             self.outstanding -= 1
-            self.outstanding_records -= len(batch.deliveries)
+            self.outstanding_records -= len(batch)
             self.stats["inserted"] += result.inserted
             self.stats["duplicates"] += result.duplicates
             self.stats["dead"] += len(result.dead)
             if batch.session != self.session:
                 continue  # released when we re-registered: the broker redelivers them
             ack: dict[str, Any] = {"partition": batch.partition, "epoch": batch.epoch,
-                                   "offsets": proto.to_runs([d.offset for d in batch.deliveries])}
+                                   "offsets": proto.to_runs(batch.offsets)}
             if result.dead:
                 ack["dead"] = result.dead
             acks.append(ack)
-            self.stats["acked"] += len(batch.deliveries)
+            self.stats["acked"] += len(batch)
         if acks:
             self._send(Command.ACK, {"acks": acks})
 
@@ -320,7 +322,7 @@ class Consumer(Node):
     def _gather(self, first: Batch) -> list[Batch]:
         """``first`` and whatever else is queued, up to one transaction's worth."""
         batches = [first]
-        count = len(first.deliveries)
+        count = len(first)
         while count < MAX_RECORDS_PER_TRANSACTION:
             try:
                 more = self._jobs.get_nowait()
@@ -330,12 +332,12 @@ class Consumer(Node):
                 self._jobs.put(None)
                 break
             batches.append(more)
-            count += len(more.deliveries)
+            count += len(more)
         return batches
 
     @staticmethod
     def _progress(batches: list[Batch]) -> list[_Progress]:
-        return [_Progress(b, list(b.deliveries)) for b in batches]
+        return [_Progress(b) for b in batches]
 
     def _retry(self, sink: Sink | None, pending: list[_Progress],
                bell: zmq.Socket[Any]) -> Sink | None:
@@ -356,10 +358,9 @@ class Consumer(Node):
         try:
             if sink is None:
                 sink = self.sink_factory()
-            outcomes = sink.store([Batch(p.batch.partition, p.batch.epoch, p.remaining,
-                                         p.batch.session) for p in pending])
+            outcomes = sink.store([p.to_store() for p in pending])
         except Exception as exc:  # SinkUnavailable, a database that cannot be opened, a bug
-            self._unavailable(exc, sum(len(p.remaining) for p in pending),
+            self._unavailable(exc, sum(len(p.to_store()) for p in pending),
                               next_delay or self.config.retry_initial_s, bell)
             return sink, pending
         self._post(bell, SinkHealth(None))
@@ -400,10 +401,17 @@ class Consumer(Node):
 @dataclass(slots=True)
 class _Progress:
     batch: Batch
-    remaining: list[Delivery]
+    remaining: list[Delivery] | None = None  # None: every record, untried
     inserted: int = 0
     duplicates: int = 0
     dead: list[int] = field(default_factory=list)
+
+    def to_store(self) -> Batch:
+        """What is still to store: the batch itself at first (its columns, the hot path),
+        then the deliveries that failed."""
+        if self.remaining is None:
+            return self.batch
+        return Batch(self.batch.partition, self.batch.epoch, self.remaining, self.batch.session)
 
 
 @dataclass(slots=True)
