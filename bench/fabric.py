@@ -332,15 +332,22 @@ def drop_databases(args: argparse.Namespace) -> None:
     admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         for name in CREATED_DATABASES:
+            if any(url.endswith(f"/{name}") for url in KEPT):
+                continue  # a failed run's evidence (forget_db said so)
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
 
 
-def forget_db(db_url: str) -> None:
-    """Delete a finished run's SQLite files: their dirty pages would otherwise be written back
+def forget_db(db_url: str, run: Run) -> None:
+    """Delete a verified run's SQLite files: their dirty pages would otherwise be written back
     (after 30 s) while later runs commit and checkpoint. In one full run, six consumers on one
     file were 124,000-128,000 records/s in every repeat after the batch-size runs had written
-    ~20 files, and 160,000-170,000 in shorter runs, with the same code."""
+    ~20 files, and 160,000-170,000 in shorter runs, with the same code. A run that lost or
+    duplicated anything, or did not finish, keeps its database as evidence."""
+    if run.lost != 0 or run.duplicates != 0 or run.stored != run.records:
+        print(f"  kept the database of {run.name!r}: {db_url}", flush=True)
+        KEPT.append(db_url)
+        return
     if db_url.startswith("sqlite:///"):
         path = db_url.removeprefix("sqlite:///")
         for suffix in ("", "-wal", "-shm", ".zmqlab-lock"):
@@ -349,6 +356,7 @@ def forget_db(db_url: str) -> None:
 
 
 CREATED_DATABASES: list[str] = []
+KEPT: list[str] = []  # databases of runs that failed verification: the temp dir stays
 SEED_CAPACITY = 10_000  # records per partition, as `zmqlab broker` and `zmqlab up` default
 
 
@@ -431,7 +439,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
             if process.is_alive():
                 process.kill()
         supervisor.stop()
-        forget_db(db_url)
+        forget_db(db_url, run)
     return run
 
 
@@ -479,7 +487,7 @@ def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int,
             process.join(15)
             if process.is_alive():
                 process.kill()
-        forget_db(db_url)
+        forget_db(db_url, run)
     return run
 
 
@@ -856,7 +864,11 @@ def main() -> None:
                     args.profile_raw.mkdir(parents=True, exist_ok=True)
                     shutil.copy(path, args.profile_raw / path.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if KEPT:
+            print(f"kept {tmp} (databases and logs of {len(KEPT)} run(s) that failed "
+                  "verification)", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         drop_databases(args)
     text = render(args, results, time.monotonic() - began)
     args.out.write_text(text)

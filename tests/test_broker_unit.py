@@ -166,6 +166,9 @@ def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
     (["a", 5, 1], b"{}", "INVALID_RECORD"),
     (["a", None, "yesterday"], b"{}", "INVALID_RECORD"),
     (["a", None, 1.5], b"{}", "INVALID_RECORD"),  # created_us is whole microseconds
+    # a time no datetime can hold would fail the consumer's INSERT on every try
+    (["a", None, 2**62], b"{}", "INVALID_RECORD"),
+    (["a", None, -1], b"{}", "INVALID_RECORD"),
     (["a", None, 1], b"[]", "INVALID_RECORD"),
     (["a", None, 1], b'{"a":1} x', "INVALID_RECORD"),
     (["a", None, 1], b'{"\xc3\xa9":1', "INVALID_RECORD"),

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from test_fabric_inproc import run_seed_scenario
 
-from zmqlab.store import DEAD_LETTERS, RECORDS, Batch, Delivery, Sink
+from zmqlab.store import DEAD_LETTERS, RECORDS, Batch, Delivery, Records, Sink
 
 pytestmark = pytest.mark.postgres
 
@@ -48,4 +48,20 @@ def test_postgresql_counts_duplicates_per_batch_in_a_call_with_several(pg_url):
     sink.store([Batch(1, 1, [record(1)])])
     outcomes = sink.store([Batch(0, 1, [record(0), record(2)]), Batch(1, 2, [record(1, 2)])])
     assert [(o.inserted, o.duplicates) for o in outcomes] == [(2, 0), (0, 1)]
+    sink.close()
+
+
+def test_postgresql_stores_a_columnar_batch_and_dead_letters_from_it(pg_url):
+    sink = Sink.open(pg_url, "9092", max_attempts=1)
+    records = Records([0, 1, 2], ["col-0", "col-1", "col-2"], ["k", None, None],
+                      ["8080", "8081", "8080"], [1_700_000_000_123_456, 0, 1_700_000_000_123_456],
+                      [1, 1, 1], [b'{"n": 0}', b'{"s": "\\u0000"}', b'{"n": 2}'])
+    (first,) = sink.store([Batch(4, 1, records=records)])
+    assert first.inserted == 2 and [d.id for d in first.failed] == ["col-1"]
+    with sink.engine.connect() as conn:
+        stored = {r["id"]: r for r in conn.execute(select(RECORDS)).mappings()}
+    assert stored["col-0"]["created_at"] == datetime(2023, 11, 14, 22, 13, 20, 123456, UTC)
+    assert (stored["col-2"]["partition"], stored["col-2"]["offset"]) == (4, 2)
+    (second,) = sink.store([Batch(4, 1, first.failed)])
+    assert (second.dead, second.done) == ([1], True)
     sink.close()

@@ -226,3 +226,35 @@ def test_a_batch_needs_deliveries_or_columns_of_one_length():
     records = columns_of([delivery(0), delivery(1)])
     with pytest.raises(ValueError, match="differ in length"):
         Batch(0, 1, records=records._replace(ids=["only-one"]))
+
+
+def test_the_latest_creation_time_the_broker_accepts_is_stored(db_url):
+    from zmqlab.broker import MAX_CREATED_US
+
+    records = columns_of([delivery(0), delivery(1)])._replace(
+        created_us=[MAX_CREATED_US - 1, 0])
+    sink = Sink.open(db_url, "9090")
+    (outcome,) = sink.store([Batch(0, 1, records=records)])
+    assert (outcome.inserted, outcome.done) == (2, True)
+    years = sorted(r["created_at"].year for r in rows(sink))
+    assert years == [1970, 9999]
+    sink.close()
+
+
+def test_a_column_that_changed_length_after_the_batch_was_made_fails_the_batch(db_url):
+    sink = Sink.open(db_url, "9090")
+    batch = Batch(0, 1, records=columns_of([delivery(0), delivery(1), delivery(2)]))
+    batch.records.ids.pop()  # type: ignore[union-attr]
+    with pytest.raises(ValueError):  # not stored short, with every offset acknowledged
+        sink.store([batch])
+    assert rows(sink) == []
+    sink.close()
+
+
+def test_a_columnar_batch_goes_through_the_users_transform(db_url):
+    sink = Sink.open(db_url, "9090", max_attempts=3, transform=refuse_poison)
+    records = columns_of([delivery(0), delivery(1, payload=b'{"poison": true}')])
+    (outcome,) = sink.store([Batch(0, 1, records=records)])
+    assert outcome.inserted == 1 and [d.id for d in outcome.failed] == ["id1"]
+    assert rows(sink)[0]["payload"] == {"n": 0, "seen": True}
+    sink.close()

@@ -33,6 +33,10 @@ FRONT = "frontend"
 BACK = "backend"
 MAX_ID_CHARS = 128
 MAX_KEY_CHARS = 1024
+MAX_CREATED_US = 253_402_214_400_000_000  # 9999-12-31 00:00 UTC. Past year 9999 neither
+# Python's datetime nor the databases' timestamps hold a time, and the consumer's INSERT would
+# fail on every try of its transaction; a day short of it, so that the float seconds a
+# consumer computes (precise to ~30 µs out there) cannot round into year 10000
 MAX_PARKED = 1024  # PUTs waiting for room; beyond that a PUT that does not fit is refused
 DRAIN_PER_POLL = 256  # messages read per socket per wake-up before timers and dispatch run
 _POSITION = 1 << 48  # a remembered (partition, offset) as one int: partition * _POSITION + offset
@@ -508,12 +512,15 @@ class Broker(Node):
 
     def _all_fresh_and_valid(self, columns: _Columns) -> bool:
         """The common case, checked a column at a time in C: every id a new, unique string of
-        the allowed length, every key null or a short string, every time an int, every payload
-        within the size limit. When this is False, ``_check_each`` finds out which record."""
+        the allowed length, every key null or a short string, every time an int from 1970 to
+        9999, every payload within the size limit. When this is False, ``_check_each`` finds
+        out which record."""
         ids, keys, created, sizes = columns.ids, columns.keys, columns.created_us, columns.sizes
         if not ids:
             return True
         if set(map(type, ids)) != {str} or set(map(type, created)) != {int}:
+            return False
+        if not (0 <= min(created) and max(created) <= MAX_CREATED_US):
             return False
         if not (0 < min(map(len, ids)) and max(map(len, ids)) <= MAX_ID_CHARS):
             return False
@@ -540,10 +547,10 @@ class Broker(Node):
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
                                f"key must be null or a string of at most {MAX_KEY_CHARS} chars",
                                False])
-            elif type(created_us) is not int:
+            elif type(created_us) is not int or not 0 <= created_us <= MAX_CREATED_US:
                 errors.append([index, ErrorCode.INVALID_RECORD.value,
-                               "created_us must be an integer (microseconds of Unix time)",
-                               False])
+                               "created_us must be an integer of microseconds of Unix time, "
+                               "from 1970 up to the last day of year 9999", False])
             elif ((record_id in held or record_id in recent or record_id in older)
                   and (known := self._locate(record_id, key)) is not None):
                 dups.append([index, *known])  # an idempotent retry: the original position

@@ -360,7 +360,7 @@ class Consumer(Node):
                 sink = self.sink_factory()
             outcomes = sink.store([p.to_store() for p in pending])
         except Exception as exc:  # SinkUnavailable, a database that cannot be opened, a bug
-            self._unavailable(exc, sum(len(p.to_store()) for p in pending),
+            self._unavailable(exc, sum(map(len, pending)),
                               next_delay or self.config.retry_initial_s, bell)
             return sink, pending
         self._post(bell, SinkHealth(None))
@@ -412,6 +412,9 @@ class _Progress:
         if self.remaining is None:
             return self.batch
         return Batch(self.batch.partition, self.batch.epoch, self.remaining, self.batch.session)
+
+    def __len__(self) -> int:
+        return len(self.batch) if self.remaining is None else len(self.remaining)
 
 
 @dataclass(slots=True)

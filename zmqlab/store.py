@@ -254,6 +254,8 @@ class Batch:
 
     @property
     def deliveries(self) -> list[Delivery]:
+        """One object per record, for a record that needs state of its own (failures, the
+        last error); from then on the batch is its deliveries and its columns are not used."""
         if self._deliveries is None:
             assert self._records is not None
             number = self.partition
@@ -266,6 +268,7 @@ class Batch:
 
     @property
     def offsets(self) -> list[int]:
+        """The offsets to acknowledge (a new list once the batch is its deliveries)."""
         records = self.records
         return records.offsets if records is not None else [d.offset for d in self.deliveries]
 
@@ -421,13 +424,15 @@ class Sink:
         records = outcome.batch.records
         if records is not None and self.transform is None and not _may_be_exhausted(
                 outcome.batch, limit):  # the hot path: columns in, rows out, all in C
+            # strict, with bounded repeats: a column that changed length after the batch was
+            # made must fail the batch, not store it short and have the rest acknowledged
+            n = len(records.offsets)
             created = {us: when(us / 1_000_000) for us in set(records.created_us)}
-            rows = list(zip(records.ids, repeat(outcome.batch.partition), records.offsets,
-                            records.keys, records.producers, repeat(consumer),
+            rows = list(zip(records.ids, repeat(outcome.batch.partition, n), records.offsets,
+                            records.keys, records.producers, repeat(consumer, n),
                             map(_text, records.payloads), map(created.__getitem__,
                                                               records.created_us),
-                            repeat(stored_at), records.attempts, strict=False))  # repeat()
-            # is endless; the columns have one value per record (``proto.column`` checked)
+                            repeat(stored_at, n), records.attempts, strict=True))
             return outcome, None, rows
         deliveries = [d for d in outcome.batch.deliveries if d.attempt + d.failures <= limit]
         times = {t: when(t) for t in {d.created_at for d in deliveries}}
@@ -587,8 +592,9 @@ def _chained(lock: _WriterLock, transaction: Any) -> Iterator[Any]:
 
 
 def _may_be_exhausted(batch: Batch, limit: int) -> bool:
-    """Whether a record of the batch may have used up its attempts (then its deliveries are
-    looked at one by one); a columnar batch answers with one ``max``."""
+    """Whether a record of the batch may have used up its attempts. Only then must its
+    records become deliveries, one by one, to find the dead letters; a columnar batch has no
+    failures yet, so one ``max`` over its attempts column rules that out for the hot path."""
     records = batch.records
     if records is None:
         return True
