@@ -324,26 +324,35 @@ def fresh_db(args: argparse.Namespace, tmp: Path, slug: str) -> str:
     return args.pg.rsplit("/", 1)[0] + "/" + name
 
 
-def drop_databases(args: argparse.Namespace) -> None:
-    if not args.pg or not CREATED_DATABASES:
+def drop_databases(args: argparse.Namespace, names: list[str] | None = None) -> None:
+    """Drop the PostgreSQL databases the benchmark made (or ``names`` of them), except those
+    of runs that failed verification."""
+    names = list(CREATED_DATABASES) if names is None else names
+    if not args.pg or not names:
         return
     from sqlalchemy import create_engine, text
 
     admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        for name in CREATED_DATABASES:
+        for name in names:
             if any(url.endswith(f"/{name}") for url in KEPT):
                 continue  # a failed run's evidence (forget_db said so)
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            CREATED_DATABASES.remove(name)
     admin.dispose()
 
 
-def forget_db(db_url: str, run: Run) -> None:
-    """Delete a verified run's SQLite files: their dirty pages would otherwise be written back
-    (after 30 s) while later runs commit and checkpoint. In one full run, six consumers on one
-    file were 124,000-128,000 records/s in every repeat after the batch-size runs had written
-    ~20 files, and 160,000-170,000 in shorter runs, with the same code. A run that lost or
-    duplicated anything, or did not finish, keeps its database as evidence."""
+def forget_db(args: argparse.Namespace, db_url: str, run: Run) -> None:
+    """Delete a verified run's database at once, so that it does no work during later runs.
+
+    SQLite: its dirty pages are written back 30 s later, while later runs commit and
+    checkpoint. In one full run, six consumers on one file were 124,000-128,000 records/s in
+    every repeat after the batch-size runs had written ~20 files, and 160,000-170,000 in
+    shorter runs, with the same code. PostgreSQL: autovacuum visits a table once a fifth of
+    it is new rows, so every finished run's 200,000 inserts were vacuumed and analysed while a
+    later run was measured (6 / 1 consumers read 0.95 and 0.97 in full runs, 1.14 in
+    alternating runs of only those two shapes). A run that lost or duplicated anything, or
+    did not finish, keeps its database as evidence."""
     if run.lost != 0 or run.duplicates != 0 or run.stored != run.records:
         print(f"  kept the database of {run.name!r}: {db_url}", flush=True)
         KEPT.append(db_url)
@@ -353,6 +362,8 @@ def forget_db(db_url: str, run: Run) -> None:
         for suffix in ("", "-wal", "-shm", ".zmqlab-lock"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path + suffix)
+    else:
+        drop_databases(args, [n for n in CREATED_DATABASES if db_url.endswith(f"/{n}")])
 
 
 CREATED_DATABASES: list[str] = []
@@ -439,7 +450,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
             if process.is_alive():
                 process.kill()
         supervisor.stop()
-        forget_db(db_url, run)
+        forget_db(args, db_url, run)
     return run
 
 
@@ -487,7 +498,7 @@ def run_ceiling(args: argparse.Namespace, tmp: Path, base: int, records: int,
             process.join(15)
             if process.is_alive():
                 process.kill()
-        forget_db(db_url, run)
+        forget_db(args, db_url, run)
     return run
 
 
@@ -692,7 +703,8 @@ def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
         lines += ["", "## Scaling (end-to-end records/s, median of the repeats)", "",
                   f"Every topology queues {SEED_CAPACITY * 6:,} records in all (the seed's 6 "
                   f"partitions of {SEED_CAPACITY:,}), split over its partitions, so that only the "
-                  "partition or consumer count changes.", "",
+                  "partition or consumer count changes. The shapes take turns, and the order "
+                  "turns by one shape each round; \"each repeat\" lists them by round.", "",
                   "| topology | records/s (median) | each repeat | e2e p99 (median) | lost | dup |",
                   "|---|---:|---|---:|---:|---:|"]
         medians = {}
@@ -832,8 +844,14 @@ def main() -> None:
         if not args.skip_scaling:
             shapes = (("3 partitions, 3 consumers", 3, 3), ("24 partitions, 3 consumers", 24, 3),
                       ("1 consumer, 6 partitions", 6, 1), ("6 consumers, 6 partitions", 6, 6))
+            # Setup order lives in the dict (for the table); the run order turns by one shape
+            # a round, so that no shape always comes last (or first) in a round.
+            for label, _, _ in shapes:
+                results.scaling.setdefault(label, [])
             for i in range(1, args.repeat + 1):
-                for n, (label, partitions, consumers) in enumerate(shapes):
+                for k in range(len(shapes)):
+                    n = (k + i - 1) % len(shapes)
+                    label, partitions, consumers = shapes[n]
                     print(f"[{i}/{args.repeat}] scaling: {label} …", flush=True)
                     # The same queue in all (the seed's 6 x 10,000 records), so that only the
                     # partition count changes: with 10,000 a partition, 24 partitions hold more
@@ -843,7 +861,7 @@ def main() -> None:
                                      records=args.scale_records, partitions=partitions,
                                      consumers=consumers,
                                      capacity=SEED_CAPACITY * 6 // partitions)
-                    results.scaling.setdefault(label, []).append(run)
+                    results.scaling[label].append(run)
                     _show(run)
         if not args.skip_memory:
             print(f"memory: {args.queued} records queued in the broker …", flush=True)
