@@ -321,3 +321,31 @@ def test_a_stopping_broker_refuses_new_records_and_drains_what_it_holds(ctx, db_
         GatedSink.gate.set()
         consumer.stop()
         fabric.stop()
+
+
+def test_a_transaction_of_many_batches_rings_the_socket_thread_once(ctx, db_url):
+    """One ACK message per transaction, not per partition batch in it: with 24 partitions a
+    ring per batch had cost the consumers 9 % more CPU and the broker 5 %."""
+    from zmqlab.config import ConsumerConfig
+    from zmqlab.consumer import Consumer, Result, _Progress
+    from zmqlab.store import Batch, Records
+
+    consumer = Consumer(ConsumerConfig(name="9090", db_url=db_url), context=ctx)
+    sink = Sink.open(db_url, "9090")
+    here, there = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    here.bind("inproc://bell-test")
+    there.connect("inproc://bell-test")
+    try:
+        pending = [_Progress(Batch(n, 1, records=Records(
+            [0, 1], [f"b{n}-0", f"b{n}-1"], [None, None], ["8080"] * 2, [1_700_000_000] * 2,
+            [1, 1], [b"{}", b"{}"]))) for n in range(8)]
+        _, left = consumer._attempt(sink, pending, there)
+        assert left == []
+        assert here.poll(1000) and here.recv() == b""
+        assert not here.poll(50)  # one ring for the eight batches
+        results = [consumer._results.get_nowait() for _ in range(consumer._results.qsize())]
+        assert [r.batch.partition for r in results if isinstance(r, Result)] == list(range(8))
+    finally:
+        here.close(0)
+        there.close(0)
+        sink.close()
