@@ -25,9 +25,7 @@ the rest of the window. Nothing here blocks except ``pump``, which waits at most
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +41,8 @@ from zmqlab.producer import (
     PutOutcome,
     Refusal,
     apply_put_reply,
+    check_endpoint,
+    client_name,
     encode_put,
     settle_refused,
 )
@@ -94,12 +94,10 @@ class PipelinedProducer:
         if not self.endpoints:
             raise ConfigError("at least one endpoint is needed")
         for endpoint in self.endpoints:
-            if "://" not in endpoint:
-                raise ConfigError(f"endpoint must look like tcp://127.0.0.1:8080, "
-                                  f"got {endpoint!r}")
+            check_endpoint(endpoint)
         if window < 1:
             raise ConfigError(f"window must be at least 1, got {window}")
-        self.name = name or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.name = client_name(name)
         self.context: zmq.Context[Any] = context or zmq.Context.instance()
         self.window = window
         self.timeout_ms = timeout_ms

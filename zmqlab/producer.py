@@ -147,6 +147,18 @@ def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
                           f"{exc}") from None
 
 
+def check_endpoint(endpoint: str) -> str:
+    """An endpoint a client can connect to, or ConfigError now (not a hang later)."""
+    if "://" not in endpoint:
+        raise ConfigError(f"endpoint must look like tcp://127.0.0.1:8080, got {endpoint!r}")
+    return endpoint
+
+
+def client_name(name: str | None) -> str:
+    """The name a client registers with: the given one, or one unique to this process."""
+    return name or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 Failed = list[tuple[int, str, str, bool]]  # (record index, code, reason, retryable)
 
 
@@ -192,10 +204,8 @@ class Producer:
                  context: zmq.Context[Any] | None = None, timeout_ms: int = REPLY_TIMEOUT_MS,
                  retries: int = 3, deadline_s: float = 30.0, backoff_initial_s: float = 0.01,
                  backoff_max_s: float = 0.5) -> None:
-        if "://" not in endpoint:
-            raise ConfigError(f"endpoint must look like tcp://127.0.0.1:8080, got {endpoint!r}")
-        self.endpoint = endpoint
-        self.name = name or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.endpoint = check_endpoint(endpoint)
+        self.name = client_name(name)
         self.context: zmq.Context[Any] = context or zmq.Context.instance()
         self.timeout_ms = timeout_ms
         self.retries = retries
