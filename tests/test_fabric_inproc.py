@@ -207,7 +207,7 @@ def test_put_batch_reports_runs_and_refusals_without_raising(ctx, db_url):
 def test_invalid_payloads_are_refused_and_the_rest_accepted(ctx, db_url, payload):
     fabric = Fabric(ctx, db_url, producers=1, consumers=0).start()
     try:
-        from zmqlab.producer import RecordsRefused
+        from zmqlab.errors import RecordsRefused
 
         with fabric.client("8080") as c, pytest.raises(RecordsRefused) as caught:
             c.send_batch([make_record({"ok": 1}), make_record(payload), make_record({"ok": 2})])
@@ -252,7 +252,7 @@ def test_a_producer_service_refuses_clients_once_its_backlog_is_full(ctx, db_url
 
         first.send_multipart(encode_put([make_record({"n": n}) for n in range(8)]))
         with fabric_client(ctx, ingress) as second:
-            from zmqlab.producer import RecordsRefused
+            from zmqlab.errors import RecordsRefused
 
             try:
                 second.send_batch([make_record({"n": n}) for n in range(5)])

@@ -304,7 +304,7 @@ def test_a_stopping_broker_refuses_new_records_and_drains_what_it_holds(ctx, db_
             stopper = threading.Thread(target=fabric.broker.stop)
             stopper.start()
             wait_until(lambda: fabric.broker.stopping_until is not None, what="stopping")
-            from zmqlab.producer import RecordsRefused
+            from zmqlab.errors import RecordsRefused
 
             try:
                 client.send({"late": True})

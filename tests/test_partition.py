@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from zmqlab.errors import ProtocolError
+from zmqlab.errors import ReplyError
 from zmqlab.partition import Partition, Taken
 
 
@@ -73,7 +73,7 @@ def test_bad_acks_are_refused_and_change_nothing(who, epoch_delta, offsets, code
     p.append(*entry(1))
     p.take(1)
     before = p.snapshot()
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ReplyError) as caught:
         p.ack(who, p.epoch + epoch_delta, offsets)
     assert caught.value.code == code
     assert p.snapshot() == before
@@ -85,7 +85,7 @@ def test_double_ack_is_refused():
     p.append(*entry(1))
     p.take(2)
     p.ack("9090", p.epoch, [1])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ReplyError):
         p.ack("9090", p.epoch, [1])
 
 
@@ -109,7 +109,7 @@ def test_handover_waits_for_the_old_owners_acks():
     assert p.draining and p.owner == "9090" and p.epoch == 1
     p.ack("9090", 1, [0])  # the old owner finishes: the lease moves now
     assert (p.owner, p.epoch, p.draining) == ("9091", 2, False)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ReplyError):
         p.ack("9090", 1, [0])
 
 
@@ -120,7 +120,7 @@ def test_stale_ack_after_a_release_settles_nothing():
     p.want_owner("9091")
     p.owner_gone()
     p.take(1)  # redelivered to 9091 at epoch 2
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ReplyError):
         p.ack("9090", 1, [0])
     assert p.depth == 1
     p.ack("9091", 2, [0])
@@ -176,7 +176,7 @@ def test_ack_refuses_a_repeated_offset():
     for i in range(3):
         p.append(*entry(i))
     p.take(3)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ReplyError):
         p.ack("9090", p.epoch, [1, 1])
     assert p.depth == 3
 

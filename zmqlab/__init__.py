@@ -9,6 +9,7 @@ from zmqlab.errors import (
     BrokerUnavailable,
     ConfigError,
     ProtocolError,
+    RecordsRefused,
     SinkUnavailable,
     ZmqlabError,
 )
@@ -18,7 +19,6 @@ from zmqlab.producer import (
     Producer,
     ProducerService,
     PutOutcome,
-    RecordsRefused,
     Refusal,
     make_record,
 )

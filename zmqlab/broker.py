@@ -24,10 +24,10 @@ import zmq
 from zmqlab import protocol as proto
 from zmqlab.assignment import consumer_order, round_robin
 from zmqlab.config import REPLY_TIMEOUT_MS, BrokerConfig
-from zmqlab.errors import ProtocolError
+from zmqlab.errors import ErrorCode, ProtocolError, Refused, ReplyError
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames
 from zmqlab.partition import Partition, Taken
-from zmqlab.protocol import Command, ErrorCode
+from zmqlab.protocol import Command
 
 FRONT = "frontend"
 BACK = "backend"
@@ -235,7 +235,7 @@ class Broker(Node):
         """Send ``handle(*args)``'s reply (None: a parked PUT, answered later), or its ERR."""
         try:
             reply = handle(*args)
-        except ProtocolError as exc:
+        except ReplyError as exc:
             reply = proto.encode_err(exc.code, exc.reason)
         except Exception as exc:  # keep serving; the client learns something went wrong
             self.log.exception("frontend: internal error")
@@ -278,7 +278,7 @@ class Broker(Node):
     def _registered_producer(self, identity: bytes, now: float) -> ProducerState:
         state = self.producers.get(identity)
         if state is None:
-            raise ProtocolError(ErrorCode.NOT_REGISTERED, "say HELLO before sending records")
+            raise Refused(ErrorCode.NOT_REGISTERED, "say HELLO before sending records")
         state.last_seen = now
         return state
 
@@ -339,10 +339,10 @@ class Broker(Node):
 
     def _check_open(self) -> None:
         if self.stopping_until is not None:
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "the broker is shutting down")
+            raise Refused(ErrorCode.UNAVAILABLE, "the broker is shutting down")
         waiting = self._not_ready()
         if waiting is not None:
-            raise ProtocolError(ErrorCode.NOT_READY, waiting)
+            raise Refused(ErrorCode.NOT_READY, waiting)
 
     def unpark(self, now: float) -> None:
         """Answer parked PUTs that fit now or whose wait is over, oldest first.
@@ -456,7 +456,7 @@ class Broker(Node):
                 if isinstance(header, ProtocolError):
                     raise header
                 body = self._put_part(header, blob, producer)
-            except ProtocolError as exc:  # this part as a whole: the others still count
+            except ReplyError as exc:  # this part as a whole: the others still count
                 if len(parts) == 1:
                     raise
                 body = {"code": exc.code, "reason": exc.reason, "retryable": False}
@@ -673,7 +673,7 @@ class Broker(Node):
                 return
             state = self.consumers.get(name)
             if state is None:
-                raise ProtocolError(ErrorCode.NOT_REGISTERED, "say HELLO before anything else")
+                raise Refused(ErrorCode.NOT_REGISTERED, "say HELLO before anything else")
             state.last_seen = now
             if message.command is Command.FETCH:
                 credit = proto.require(message.header, "credit", int)
@@ -689,7 +689,7 @@ class Broker(Node):
             else:
                 raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
                                     f"{message.command.name} is not a consumer command")
-        except ProtocolError as exc:
+        except ReplyError as exc:
             self._send(BACK, identity, proto.encode_err(exc.code, exc.reason))
         except Exception as exc:
             self.log.exception("backend: internal error")
@@ -716,7 +716,7 @@ class Broker(Node):
                 if not isinstance(entry, dict):
                     raise ProtocolError(ErrorCode.BAD_MESSAGE, "each ACK entry must be an object")
                 self._ack_partition(state, entry)
-            except ProtocolError as exc:
+            except ReplyError as exc:
                 number = entry.get("partition") if isinstance(entry, dict) else None
                 self._send(BACK, state.name.encode(),
                            proto.encode_err(exc.code, exc.reason, partition=number))

@@ -29,9 +29,9 @@ from zmqlab.config import (
 )
 from zmqlab.consumer import Consumer
 from zmqlab.dashboard import producers_title
-from zmqlab.errors import ZmqlabError
+from zmqlab.errors import RecordsRefused, ZmqlabError
 from zmqlab.node import Node, tune_gc
-from zmqlab.producer import Producer, RecordsRefused
+from zmqlab.producer import Producer
 from zmqlab.protocol import parse_json
 from zmqlab.topology import Supervisor, Topology, query_status
 

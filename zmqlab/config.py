@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zmqlab.errors import ConfigError
+from zmqlab.protocol import MAX_PAYLOAD_BYTES
 
 DEFAULT_FRONTEND = "tcp://*:5555"
 DEFAULT_BACKEND = "tcp://*:5556"
 DEFAULT_DB_URL = "sqlite:///zmqlab.db"
-MAX_PAYLOAD_BYTES = 1_048_576
 
 
 def _positive(name: str, value: int | float, minimum: int | float = 1) -> None:

@@ -21,9 +21,9 @@ import zmq
 
 from zmqlab import protocol as proto
 from zmqlab.config import ConsumerConfig
-from zmqlab.errors import ProtocolError, ZmqlabError
+from zmqlab.errors import ErrorCode, ProtocolError, ZmqlabError
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames, serve_requests
-from zmqlab.protocol import Command, ErrorCode
+from zmqlab.protocol import Command
 from zmqlab.store import Batch, Delivery, Records, Sink, check_url, load_transform
 
 MAX_RECORDS_PER_TRANSACTION = 5000

@@ -16,7 +16,8 @@ import zmq
 from sqlalchemy import delete, select
 
 from zmqlab.config import REPLY_TIMEOUT_MS
-from zmqlab.producer import Ack, OutRecord, Producer, RecordsRefused, Refusal
+from zmqlab.errors import RecordsRefused
+from zmqlab.producer import Ack, OutRecord, Producer, Refusal
 from zmqlab.store import DEAD_LETTERS, make_engine
 
 REPLAY_BATCH = 200

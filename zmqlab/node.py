@@ -18,7 +18,7 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 
 from zmqlab import protocol as proto
-from zmqlab.errors import ProtocolError, ZmqlabError
+from zmqlab.errors import ProtocolError, ReplyError, ZmqlabError
 
 STOP = b"STOP"
 NOBLOCK = int(zmq.NOBLOCK)
@@ -117,7 +117,7 @@ def serve_requests(sock: zmq.Socket[Any], handle: Handler, limit: int = 256) -> 
             continue  # no envelope: nobody to answer
         try:
             reply = handle(route, proto.decode(body))
-        except ProtocolError as exc:
+        except ReplyError as exc:
             reply = proto.encode_err(exc.code, exc.reason)
         if reply is not None:
             send_frames(sock, proto.envelope(route, reply))

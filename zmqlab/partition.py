@@ -23,8 +23,7 @@ import threading
 from array import array
 from typing import Any, NamedTuple
 
-from zmqlab.errors import ProtocolError
-from zmqlab.protocol import ErrorCode
+from zmqlab.errors import ErrorCode, LeaseError, ProtocolError
 
 MAX_ATTEMPT = 65_535  # attempts are kept in an unsigned 16-bit array
 _FIRST_ATTEMPT = array("H", [1])
@@ -194,12 +193,12 @@ class Partition:
         """
         with self.lock:
             if owner != self.owner:
-                raise ProtocolError(
+                raise LeaseError(
                     ErrorCode.NOT_OWNER,
                     f"partition {self.number} is owned by {self.owner!r}, not {owner!r}",
                 )
             if epoch != self.epoch:
-                raise ProtocolError(
+                raise LeaseError(
                     ErrorCode.STALE_EPOCH,
                     f"partition {self.number} is at epoch {self.epoch}, ACK named {epoch}",
                 )
@@ -211,13 +210,13 @@ class Partition:
                     if type(offset) is not int:
                         raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be integers")
                     if not self.head <= offset < self.cursor or offset in self._acked:
-                        raise ProtocolError(
+                        raise LeaseError(
                             ErrorCode.UNKNOWN_OFFSET,
                             f"offset {offset} is not in flight in partition {self.number} "
                             f"(in flight: [{self.head}, {self.cursor}))",
                         )
                 if len(set(offsets)) != count:
-                    raise ProtocolError(ErrorCode.UNKNOWN_OFFSET, "an offset is listed twice")
+                    raise LeaseError(ErrorCode.UNKNOWN_OFFSET, "an offset is listed twice")
                 self._acked.update(offsets)
                 count = 0
                 while head + count in self._acked:

@@ -34,7 +34,7 @@ import zmq
 
 from zmqlab import protocol as proto
 from zmqlab.config import REPLY_TIMEOUT_MS
-from zmqlab.errors import ConfigError, ProtocolError, ZmqlabError
+from zmqlab.errors import ConfigError, ErrorCode, ProtocolError, ZmqlabError
 from zmqlab.node import NOBLOCK, new_socket, recv_frames, send_frames
 from zmqlab.producer import (
     OutRecord,
@@ -46,7 +46,7 @@ from zmqlab.producer import (
     encode_put,
     settle_refused,
 )
-from zmqlab.protocol import Command, ErrorCode
+from zmqlab.protocol import Command
 
 _HELLO = "hello"
 

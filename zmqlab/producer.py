@@ -30,9 +30,18 @@ import zmq
 
 from zmqlab import protocol as proto
 from zmqlab.config import REPLY_TIMEOUT_MS, ProducerConfig
-from zmqlab.errors import BrokerRejected, BrokerUnavailable, ConfigError, ProtocolError
+from zmqlab.errors import (
+    BrokerRejected,
+    BrokerUnavailable,
+    ConfigError,
+    ErrorCode,
+    ProtocolError,
+    RecordsRefused,
+    Refused,
+    ReplyError,
+)
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames, serve_requests
-from zmqlab.protocol import Command, ErrorCode
+from zmqlab.protocol import Command
 
 
 class OutRecord(NamedTuple):
@@ -62,18 +71,6 @@ class Refusal:
     code: str
     reason: str
     retryable: bool
-
-
-class RecordsRefused(BrokerRejected):
-    """Some records were refused for good (or still refused at the deadline)."""
-
-    def __init__(self, refusals: list[Refusal], acks: list[Ack]) -> None:
-        first = refusals[0]
-        more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
-        super().__init__(first.code, f"record {first.id}: {first.reason}{more}",
-                         retryable=first.retryable)
-        self.refusals = refusals
-        self.acks = acks
 
 
 @dataclass(slots=True)
@@ -433,7 +430,7 @@ class ProducerService(Node):
                 return proto.encode(Command.ACK, {"acks": [], "dups": [], "errors": []})
             backlog = self.up.pending_records
             if backlog + count > self.config.max_pending:
-                raise ProtocolError(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
+                raise Refused(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
                                     f"holds {backlog} records for the broker; retry later")
             self.stats["received"] += count
             self.up.pending.append(_ClientPut(route, count, message.raw_header,
@@ -456,7 +453,7 @@ class ProducerService(Node):
         self._last_reply = self.clock()
         try:
             reply = proto.decode(frames)
-        except ProtocolError as exc:
+        except ReplyError as exc:
             reply = proto.Message(Command.ERR, {"code": exc.code, "reason": exc.reason})
         if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
             self.up.registered = False

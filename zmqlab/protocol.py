@@ -27,15 +27,24 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any
 
 import msgspec
 
-from zmqlab.errors import ProtocolError
+from zmqlab.errors import RETRYABLE, ErrorCode, ProtocolError
 
 VERSION = b"ZQL3"
 EMPTY = b""
+
+# The limits of a record, checked by the broker before it acknowledges anything, and the
+# column sizes of the tables: a record the broker accepts must fit every supported database.
+MAX_ID_CHARS = 128
+MAX_KEY_CHARS = 1024
+MAX_PAYLOAD_BYTES = 1_048_576  # the default; a broker may be configured lower or higher
+# 9999-12-31 00:00 UTC in microseconds: past year 9999 neither Python's datetime nor the
+# databases hold a time; a day short, so a consumer's float seconds cannot round past it.
+MAX_CREATED_US = 253_402_214_400_000_000
 
 
 class Command(bytes, Enum):
@@ -52,29 +61,6 @@ class Command(bytes, Enum):
     HEARTBEAT = b"HEARTBEAT"  # both ways
     BYE = b"BYE"  # a node leaves
     STATS = b"STATS"  # request a status snapshot; the reply carries it
-
-
-class ErrorCode(StrEnum):
-    """Error codes carried by ERR replies and per-record refusals."""
-
-    BAD_MESSAGE = "BAD_MESSAGE"  # unparseable frames or header
-    BAD_VERSION = "BAD_VERSION"
-    UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
-    NOT_REGISTERED = "NOT_REGISTERED"  # HELLO first (retryable: say HELLO, then retry)
-    NOT_READY = "NOT_READY"  # waiting for --expect-producers/--expect-consumers
-    PARTITION_FULL = "PARTITION_FULL"  # backpressure: retry later
-    INVALID_RECORD = "INVALID_RECORD"  # payload not a JSON object, bad id or key
-    TOO_LARGE = "TOO_LARGE"
-    STALE_EPOCH = "STALE_EPOCH"
-    NOT_OWNER = "NOT_OWNER"
-    UNKNOWN_OFFSET = "UNKNOWN_OFFSET"
-    UNAVAILABLE = "UNAVAILABLE"  # a producer service could not reach the broker
-    INTERNAL = "INTERNAL"
-
-
-RETRYABLE = frozenset(
-    {ErrorCode.NOT_REGISTERED, ErrorCode.NOT_READY, ErrorCode.PARTITION_FULL, ErrorCode.UNAVAILABLE}
-)
 
 
 @dataclass(frozen=True, slots=True)

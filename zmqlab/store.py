@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Field, SQLModel, create_engine
 
 from zmqlab.errors import ConfigError, SinkUnavailable
-from zmqlab.protocol import parse_json
+from zmqlab.protocol import MAX_ID_CHARS, MAX_KEY_CHARS, parse_json
 
 log = logging.getLogger("zmqlab.store")
 
@@ -50,10 +50,10 @@ class StoredRecord(SQLModel, table=True):
 
     __tablename__ = "records"
 
-    id: str = Field(primary_key=True, max_length=128)
+    id: str = Field(primary_key=True, max_length=MAX_ID_CHARS)
     partition: int = Field(index=True)
     offset: int = Field(sa_type=BigInteger)
-    key: str | None = Field(default=None, max_length=1024, index=True)
+    key: str | None = Field(default=None, max_length=MAX_KEY_CHARS, index=True)
     producer: str = Field(max_length=255)
     consumer: str = Field(max_length=255)
     payload: dict[str, Any] = Field(sa_column=Column(PAYLOAD_TYPE, nullable=False))
@@ -67,10 +67,10 @@ class DeadLetter(SQLModel, table=True):
 
     __tablename__ = "dead_letters"
 
-    id: str = Field(primary_key=True, max_length=128)
+    id: str = Field(primary_key=True, max_length=MAX_ID_CHARS)
     partition: int
     offset: int = Field(sa_type=BigInteger)
-    key: str | None = Field(default=None, max_length=1024)
+    key: str | None = Field(default=None, max_length=MAX_KEY_CHARS)
     producer: str = Field(max_length=255)
     consumer: str = Field(max_length=255)
     payload: str = Field(sa_column=Column(Text, nullable=False))  # as received, even if invalid
