@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -9,6 +10,9 @@ from typing import Any
 
 import pytest
 import zmq
+from helpers import Clock, new_broker
+
+from zmqlab.broker import Broker
 
 IN_CI = bool(os.environ.get("CI"))
 PG_ADMIN_URL = os.environ.get("ZMQLAB_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -69,3 +73,15 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def make_broker(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., tuple[Broker, Clock]]]:
+    """The broker harness: ``make_broker(**options)`` gives a broker on fake time (and its
+    clock) to drive through its handlers. Whatever a test does, no handler may have failed
+    unexpectedly (answered INTERNAL): that is checked when the test ends."""
+    caplog.set_level(logging.INFO, logger="zmqlab.broker")
+    yield new_broker
+    internal = [r.getMessage() for r in caplog.records
+                if r.name == "zmqlab.broker" and "internal error" in r.getMessage()]
+    assert not internal, f"a broker handler failed unexpectedly: {internal}"

@@ -1,4 +1,5 @@
-"""Test helpers: bounded receives and waits, free ports, an in-process fabric."""
+"""Test helpers: bounded receives and waits, free ports, an in-process fabric, shared
+scenarios, and a broker driven through its handlers (the broker harness)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+
+from zmqlab import protocol as proto
+from zmqlab.broker import Broker, Side
+from zmqlab.config import BrokerConfig
+from zmqlab.protocol import Command
 
 
 def recv(sock: zmq.Socket[Any], timeout_s: float = 5.0) -> list[bytes]:
@@ -140,3 +146,202 @@ class Fabric:
         for node in [*self.producers.values(), *self.consumers.values(), self.broker]:
             if node.alive:
                 node.stop()
+
+
+# -- scenarios and checks shared by the integration tests -------------------------------------
+def stored_rows(db_url: str) -> list[Any]:
+    """Every row of the records table."""
+    from sqlalchemy import select
+
+    from zmqlab.store import RECORDS, make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(RECORDS)).mappings())
+    finally:
+        engine.dispose()
+
+
+def run_seed_scenario(ctx: zmq.Context[Any], db_url: str, per_producer: int = 200) -> None:
+    """Given 3 producers, a broker with 6 partitions and 3 consumers,
+    when every producer's clients send records concurrently,
+    then every record is acknowledged, stored exactly once, and gone from the queue."""
+    from zmqlab.producer import make_record
+
+    fabric = Fabric(ctx, db_url).start()
+    try:
+        wait_until(lambda: all(c.registered for c in fabric.consumers.values()), what="consumers")
+        acks: dict[str, Any] = {}
+        failures: list[BaseException] = []
+
+        def produce(name: str) -> None:
+            try:
+                with fabric.client(name) as client:
+                    for start in range(0, per_producer, 25):
+                        batch = [make_record({"producer": name, "n": n},
+                                             key=None if n % 2 else f"k{n % 7}")
+                                 for n in range(start, start + 25)]
+                        for ack in client.send_batch(batch):
+                            acks[ack.id] = ack
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=produce, args=(n,)) for n in fabric.producers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures
+        total = 3 * per_producer
+        assert len(acks) == total and not any(a.duplicate for a in acks.values())
+
+        wait_until(lambda: len(stored_rows(db_url)) >= total, what="all records stored")
+        rows = stored_rows(db_url)
+        assert sorted(r["id"] for r in rows) == sorted(acks)  # each exactly once
+        for row in rows:
+            ack = acks[row["id"]]
+            assert (row["partition"], row["offset"]) == (ack.partition, ack.offset)
+            assert row["producer"] == row["payload"]["producer"]
+            assert row["consumer"] in fabric.consumers
+            assert row["attempt"] == 1
+        # Ownership: every partition's rows were stored by its round-robin owner.
+        owners = {p: str(9090 + p % 3) for p in range(6)}
+        assert all(row["consumer"] == owners[row["partition"]] for row in rows)
+
+        def queue_empty() -> bool:
+            snap = fabric.status()
+            return all(p["depth"] == 0 for p in snap["partitions"]) and snap["held_ids"] == 0
+
+        wait_until(queue_empty, what="the queue to empty")
+        snap = fabric.status()
+        assert sum(p["acked"] for p in snap["partitions"]) == total
+        assert {p["name"] for p in snap["producers"]} == set(fabric.producers)
+    finally:
+        fabric.stop()
+
+
+# -- a broker driven through its handlers, with fake time and no sockets ------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new_broker(**options: Any) -> tuple[Broker, Clock]:
+    """A broker on fake time (``clock.now``), driven through its handlers: no sockets."""
+    clock = Clock()
+    config = BrokerConfig(frontend="inproc://f", backend="inproc://b", heartbeat_ms=1000,
+                          liveness=3, **options)
+    return Broker(config, clock=clock), clock
+
+
+def producer_says(broker: Broker, command: Command, header: dict[str, Any] | None = None,
+                  payloads: list[bytes] | None = None, who: bytes = b"req-1") -> proto.Message:
+    broker.outbox.clear()
+    broker.handle_frontend([who, b"", *proto.encode(command, header, payloads or [])],
+                           broker.clock())
+    (side, frames), = broker.outbox
+    assert side is Side.FRONTEND and frames[0] == who
+    broker.outbox.clear()
+    return proto.decode(frames[2:])
+
+
+def consumer_says(broker: Broker, name: str, command: Command,
+                  header: dict[str, Any] | None = None) -> list[proto.Message]:
+    broker.handle_backend([name.encode(), b"", *proto.encode(command, header)], broker.clock())
+    return to(broker, name)
+
+
+def to(broker: Broker, name: str) -> list[proto.Message]:
+    """Messages the broker queued for consumer ``name`` (after delivering), removed."""
+    broker.deliver(broker.clock())
+    return _take(broker, Side.BACKEND, name.encode())
+
+
+def _take(broker: Broker, side: Side, identity: bytes) -> list[proto.Message]:
+    """The messages in the broker's outbox for ``identity`` on ``side``, removed from it."""
+    mine = [f for s, f in broker.outbox if s is side and f[0] == identity]
+    broker.outbox = [(s, f) for s, f in broker.outbox if not (s is side and f[0] == identity)]
+    return [proto.decode(f[2:]) for f in mine]
+
+
+def put(broker: Broker, *payloads: bytes, key: str | None = None, ids: list[str] | None = None,
+        who: bytes = b"req-1") -> proto.Message:
+    ids = ids or [f"id-{i}-{len(broker.dedupe.held)}" for i in range(len(payloads))]
+    metas = [[i, key, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
+    return producer_says(broker, Command.PUT, columns(metas), proto.join_payloads(payloads),
+                         who=who)
+
+
+def columns(metas: list[list[Any]]) -> dict[str, Any]:
+    """A PUT header from rows [id, key, created_us, size] (the wire sends columns)."""
+    return {name: [m[k] for m in metas]
+            for k, name in enumerate(("ids", "keys", "created_us", "sizes"))}
+
+
+def records_of(message: proto.Message) -> list[list[Any]]:
+    """Every record in a RECORDS message, over its partitions' batches, as a row
+    [offset, id, key, producer, created_us, attempt, size] (the wire sends columns)."""
+    return [rows for b in message.header["batches"] for rows in batch_rows(b)]
+
+
+def batch_rows(batch: dict[str, Any]) -> list[list[Any]]:
+    offsets = [o for first, count in batch["offsets"] for o in range(first, first + count)]
+    columns = [proto.column(batch, c, len(offsets))
+               for c in ("ids", "keys", "producers", "created_us", "attempts", "sizes")]
+    return [list(row) for row in zip(offsets, *columns, strict=True)]
+
+
+def placed(reply: proto.Message) -> list[list[Any]]:
+    """The ACK of a one-part PUT, one [index, partition, offset, duplicate] per record."""
+    out = [[index + k, partition, first + k, False]
+           for index, count, partition, first in reply.header["acks"] for k in range(count)]
+    out += [[index, partition, offset, True] for index, partition, offset in reply.header["dups"]]
+    return sorted(out)
+
+
+def only_batch(message: proto.Message) -> dict[str, Any]:
+    (batch,) = message.header["batches"]
+    return batch  # type: ignore[no-any-return]
+
+
+def ack(number: int, epoch: int, offsets: list[int]) -> dict[str, Any]:
+    return {"acks": [{"partition": number, "epoch": epoch, "offsets": [[o, 1] for o in offsets]}]}
+
+
+def hello(broker: Broker, who: bytes = b"req-1", name: str = "8080") -> None:
+    assert producer_says(broker, Command.HELLO, {"role": "producer", "name": name},
+                         who=who).command is Command.WELCOME
+
+
+
+
+def replies_to(broker: Broker, who: bytes) -> list[proto.Message]:
+    """Replies the broker queued for producer ``who`` (removed from the outbox)."""
+    return _take(broker, Side.FRONTEND, who)
+
+
+def put_parked(broker: Broker, *payloads: bytes, who: bytes = b"req-1") -> None:
+    ids = [f"{who.decode()}-{i}-{broker.counters['waited']}" for i in range(len(payloads))]
+    metas = [[i, None, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
+    broker.handle_frontend([who, b"", *proto.encode(Command.PUT, columns(metas),
+                                                     proto.join_payloads(list(payloads)))],
+                           broker.clock())
+    assert replies_to(broker, who) == []  # parked: the REQ producer waits for its reply
+
+
+def full_broker_with_a_consumer(make: Callable[..., tuple[Broker, Clock]],
+                                **options: Any) -> tuple[Broker, Clock, dict[str, Any]]:
+    """One partition of capacity 2, full, its records held by consumer 9090: (broker, clock,
+    the batch the consumer holds)."""
+    broker, clock = make(partitions=1, capacity=2, **options)
+    hello(broker)
+    hello(broker, b"req-2", "8081")
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
+    put(broker, b"{}", b"{}")
+    (records,) = to(broker, "9090")
+    return broker, clock, only_batch(records)

@@ -3,115 +3,38 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
+from helpers import (
+    ack,
+    columns,
+    consumer_says,
+    full_broker_with_a_consumer,
+    hello,
+    only_batch,
+    placed,
+    producer_says,
+    put,
+    put_parked,
+    records_of,
+    replies_to,
+    to,
+)
 
 from zmqlab import protocol as proto
-from zmqlab.broker import BACK, FRONT, Broker
-from zmqlab.config import BrokerConfig
 from zmqlab.errors import ConfigError, ProtocolError
 from zmqlab.producer import encode_put, make_record
 from zmqlab.protocol import Command
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(**options: Any) -> tuple[Broker, Clock]:
-    clock = Clock()
-    config = BrokerConfig(frontend="inproc://f", backend="inproc://b", heartbeat_ms=1000,
-                          liveness=3, **options)
-    return Broker(config, clock=clock), clock
-
-
-def producer_says(broker: Broker, command: Command, header: dict[str, Any] | None = None,
-                  payloads: list[bytes] | None = None, who: bytes = b"req-1") -> proto.Message:
-    broker.outbox.clear()
-    broker.handle_frontend([who, b"", *proto.encode(command, header, payloads or [])],
-                           broker.clock())
-    (side, frames), = broker.outbox
-    assert side == FRONT and frames[0] == who
-    broker.outbox.clear()
-    return proto.decode(frames[2:])
-
-
-def consumer_says(broker: Broker, name: str, command: Command,
-                  header: dict[str, Any] | None = None) -> list[proto.Message]:
-    broker.handle_backend([name.encode(), b"", *proto.encode(command, header)], broker.clock())
-    return to(broker, name)
-
-
-def to(broker: Broker, name: str) -> list[proto.Message]:
-    """Messages the broker queued for consumer ``name`` (after dispatching), removed."""
-    broker.dispatch(broker.clock())
-    mine = [f for side, f in broker.outbox if side == BACK and f[0] == name.encode()]
-    broker.outbox = [(s, f) for s, f in broker.outbox if not (s == BACK and f[0] == name.encode())]
-    return [proto.decode(f[2:]) for f in mine]
-
-
-def put(broker: Broker, *payloads: bytes, key: str | None = None, ids: list[str] | None = None,
-        who: bytes = b"req-1") -> proto.Message:
-    ids = ids or [f"id-{i}-{len(broker._held)}" for i in range(len(payloads))]
-    metas = [[i, key, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
-    return producer_says(broker, Command.PUT, columns(metas), proto.join_payloads(payloads),
-                         who=who)
-
-
-def columns(metas: list[list[Any]]) -> dict[str, Any]:
-    """A PUT header from rows [id, key, created_us, size] (the wire sends columns)."""
-    return {name: [m[k] for m in metas]
-            for k, name in enumerate(("ids", "keys", "created_us", "sizes"))}
-
-
-def records_of(message: proto.Message) -> list[list[Any]]:
-    """Every record in a RECORDS message, over its partitions' batches, as a row
-    [offset, id, key, producer, created_us, attempt, size] (the wire sends columns)."""
-    return [rows for b in message.header["batches"] for rows in batch_rows(b)]
-
-
-def batch_rows(batch: dict[str, Any]) -> list[list[Any]]:
-    offsets = [o for first, count in batch["offsets"] for o in range(first, first + count)]
-    columns = [proto.column(batch, c, len(offsets))
-               for c in ("ids", "keys", "producers", "created_us", "attempts", "sizes")]
-    return [list(row) for row in zip(offsets, *columns, strict=True)]
-
-
-def placed(reply: proto.Message) -> list[list[Any]]:
-    """The ACK of a one-part PUT, one [index, partition, offset, duplicate] per record."""
-    out = [[index + k, partition, first + k, False]
-           for index, count, partition, first in reply.header["acks"] for k in range(count)]
-    out += [[index, partition, offset, True] for index, partition, offset in reply.header["dups"]]
-    return sorted(out)
-
-
-def only_batch(message: proto.Message) -> dict[str, Any]:
-    (batch,) = message.header["batches"]
-    return batch  # type: ignore[no-any-return]
-
-
-def ack(number: int, epoch: int, offsets: list[int]) -> dict[str, Any]:
-    return {"acks": [{"partition": number, "epoch": epoch, "offsets": [[o, 1] for o in offsets]}]}
-
-
-def hello(broker: Broker, who: bytes = b"req-1", name: str = "8080") -> None:
-    assert producer_says(broker, Command.HELLO, {"role": "producer", "name": name},
-                         who=who).command is Command.WELCOME
-
-
-def test_put_before_hello_is_refused_as_retryable():
-    broker, _ = make()
+def test_put_before_hello_is_refused_as_retryable(make_broker):
+    broker, _ = make_broker()
     reply = put(broker, b"{}")
     assert proto.error_of(reply) == ("NOT_REGISTERED", "say HELLO before sending records", True)
 
 
-def test_broker_refuses_records_until_the_expected_nodes_registered():
-    broker, _ = make(expect_producers=2, expect_consumers=1)
+def test_broker_refuses_records_until_the_expected_nodes_registered(make_broker):
+    broker, _ = make_broker(expect_producers=2, expect_consumers=1)
     hello(broker)
     code, reason, retryable = proto.error_of(put(broker, b"{}"))
     assert (code, retryable) == ("NOT_READY", True)
@@ -121,8 +44,8 @@ def test_broker_refuses_records_until_the_expected_nodes_registered():
     assert put(broker, b"{}").command is Command.ACK
 
 
-def test_put_acks_runs_and_a_keyless_batch_sticks_to_one_partition():
-    broker, _ = make(partitions=3)
+def test_put_acks_runs_and_a_keyless_batch_sticks_to_one_partition(make_broker):
+    broker, _ = make_broker(partitions=3)
     hello(broker)
     reply = put(broker, b'{"a":1}', b'{"a":2}', b'{"a":3}')
     assert reply.header == {"acks": [[0, 3, 0, 0]], "dups": [], "errors": []}
@@ -131,10 +54,10 @@ def test_put_acks_runs_and_a_keyless_batch_sticks_to_one_partition():
     assert put(broker, b'{"a":7}').header["acks"] == [[0, 1, 0, 3]]  # round robin by batch
 
 
-def test_keyed_records_go_to_crc32_of_the_key():
+def test_keyed_records_go_to_crc32_of_the_key(make_broker):
     import zlib
 
-    broker, _ = make(partitions=6)
+    broker, _ = make_broker(partitions=6)
     hello(broker)
     reply = put(broker, b"{}", b"{}", key="customer-42")
     expected = zlib.crc32(b"customer-42") % 6
@@ -142,8 +65,8 @@ def test_keyed_records_go_to_crc32_of_the_key():
     assert [a[2] for a in placed(reply)] == [0, 1]
 
 
-def test_retry_with_the_same_id_is_answered_as_duplicate_not_queued_twice():
-    broker, _ = make()
+def test_retry_with_the_same_id_is_answered_as_duplicate_not_queued_twice(make_broker):
+    broker, _ = make_broker()
     hello(broker)
     first = placed(put(broker, b'{"x":1}', ids=["abc"]))[0]
     again = placed(put(broker, b'{"x":1}', ids=["abc"]))[0]
@@ -151,8 +74,8 @@ def test_retry_with_the_same_id_is_answered_as_duplicate_not_queued_twice():
     assert sum(p.depth for p in broker.partitions) == 1
 
 
-def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
-    broker, _ = make(partitions=2, capacity=1)
+def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything(make_broker):
+    broker, _ = make_broker(partitions=2, capacity=1)
     hello(broker)
     reply = put(broker, b"{}", b"{}", b"{}")
     assert [a[0] for a in placed(reply)] == [0, 1]
@@ -180,8 +103,8 @@ def test_full_partitions_refuse_with_a_retryable_error_and_keep_everything():
     (["a", None, 1], b'\xef\xbb\xbf{"a":1}', "INVALID_RECORD"),  # a byte-order mark
     (["a", None, 1], b"x" * 2_000_000, "TOO_LARGE"),
 ])
-def test_bad_records_get_a_clear_refusal(meta, payload, code):
-    broker, _ = make()
+def test_bad_records_get_a_clear_refusal(meta, payload, code, make_broker):
+    broker, _ = make_broker()
     hello(broker)
     reply = producer_says(broker, Command.PUT, columns([[*meta, len(payload)]]), [payload])
     assert reply.header["errors"][0][1] == code
@@ -200,8 +123,8 @@ def test_bad_records_get_a_clear_refusal(meta, payload, code):
     ({"ids": ["a"], "created_us": 1, "sizes": {"a": 2}}, [b"{}"]),  # neither list nor value
     ({"ids": "nope", "created_us": 1, "sizes": 2}, [b"{}"]),
 ])
-def test_put_whose_sizes_and_frames_disagree_is_refused_whole(header, frames):
-    broker, _ = make()
+def test_put_whose_sizes_and_frames_disagree_is_refused_whole(header, frames, make_broker):
+    broker, _ = make_broker()
     hello(broker)
     reply = producer_says(broker, Command.PUT, header, frames)
     assert proto.error_of(reply)[0] == "BAD_MESSAGE"
@@ -215,15 +138,15 @@ def test_put_whose_sizes_and_frames_disagree_is_refused_whole(header, frames):
     ([proto.VERSION, b"PUT"], "BAD_MESSAGE"),
     ([proto.VERSION, b"RECORDS", b"{}"], "UNKNOWN_COMMAND"),
 ])
-def test_malformed_messages_get_err_and_the_broker_carries_on(frames, code):
-    broker, _ = make()
+def test_malformed_messages_get_err_and_the_broker_carries_on(frames, code, make_broker):
+    broker, _ = make_broker()
     broker.handle_frontend([b"req-1", b"", *frames], broker.clock())
     (_, reply), = broker.outbox
     assert proto.error_of(proto.decode(reply[2:]))[0] == code
 
 
-def test_consumers_get_round_robin_assignments_and_records_within_credit():
-    broker, _ = make(partitions=4, max_batch=2)
+def test_consumers_get_round_robin_assignments_and_records_within_credit(make_broker):
+    broker, _ = make_broker(partitions=4, max_batch=2)
     hello(broker)
     for name in ("9091", "9090", "9092"):
         consumer_says(broker, name, Command.HELLO)
@@ -243,8 +166,8 @@ def test_consumers_get_round_robin_assignments_and_records_within_credit():
     assert [len(records_of(m)) for m in acked] == [2]  # freed credit brings the rest
 
 
-def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
-    broker, clock = make(partitions=1)
+def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first(make_broker):
+    broker, clock = make_broker(partitions=1)
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
@@ -269,8 +192,8 @@ def test_a_silent_consumer_expires_and_its_records_go_to_the_survivor_first():
     assert broker.partitions[0].depth == 2
 
 
-def test_heartbeats_keep_a_consumer_alive_and_are_sent_to_it():
-    broker, clock = make()
+def test_heartbeats_keep_a_consumer_alive_and_are_sent_to_it(make_broker):
+    broker, clock = make_broker()
     consumer_says(broker, "9090", Command.HELLO)
     for _ in range(10):
         clock.now += 1.0
@@ -280,8 +203,8 @@ def test_heartbeats_keep_a_consumer_alive_and_are_sent_to_it():
     assert any(m.command is Command.HEARTBEAT for m in to(broker, "9090"))
 
 
-def test_a_joining_consumer_gets_a_partition_only_after_the_old_owner_acks():
-    broker, _ = make(partitions=2)
+def test_a_joining_consumer_gets_a_partition_only_after_the_old_owner_acks(make_broker):
+    broker, _ = make_broker(partitions=2)
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
@@ -303,8 +226,8 @@ def test_a_joining_consumer_gets_a_partition_only_after_the_old_owner_acks():
     assert [(b["partition"], b["epoch"]) for b in got] == [(1, q2["epoch"] + 1)]
 
 
-def test_ack_errors_are_reported_to_the_consumer():
-    broker, _ = make(partitions=1)
+def test_ack_errors_are_reported_to_the_consumer(make_broker):
+    broker, _ = make_broker(partitions=1)
     consumer_says(broker, "9090", Command.HELLO)
     replies = consumer_says(broker, "9090", Command.ACK, ack(0, 99, [0]))
     assert proto.error_of(replies[-1])[0] == "STALE_EPOCH"
@@ -315,8 +238,8 @@ def test_ack_errors_are_reported_to_the_consumer():
     assert proto.error_of(replies[-1])[0] == "BAD_MESSAGE"
 
 
-def test_one_refused_ack_entry_does_not_stop_the_others():
-    broker, _ = make(partitions=2)
+def test_one_refused_ack_entry_does_not_stop_the_others(make_broker):
+    broker, _ = make_broker(partitions=2)
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
@@ -331,8 +254,8 @@ def test_one_refused_ack_entry_does_not_stop_the_others():
     assert [p.depth for p in broker.partitions] == [1, 0]
 
 
-def test_bye_releases_and_rebalances():
-    broker, _ = make(partitions=2)
+def test_bye_releases_and_rebalances(make_broker):
+    broker, _ = make_broker(partitions=2)
     hello(broker)
     for name in ("9090", "9091"):
         consumer_says(broker, name, Command.HELLO)
@@ -345,15 +268,15 @@ def test_bye_releases_and_rebalances():
     assert broker.partitions[1].released_total == 1
 
 
-def test_stats_are_answered_without_registration():
-    broker, _ = make(partitions=2)
+def test_stats_are_answered_without_registration(make_broker):
+    broker, _ = make_broker(partitions=2)
     snap = producer_says(broker, Command.STATS).header
     assert [p["partition"] for p in snap["partitions"]] == [0, 1]
     assert snap["ready"] is True
 
 
-def test_each_part_of_a_put_is_answered_on_its_own_and_a_bad_part_spoils_only_itself():
-    broker, _ = make(partitions=2)
+def test_each_part_of_a_put_is_answered_on_its_own_and_a_bad_part_spoils_only_itself(make_broker):
+    broker, _ = make_broker(partitions=2)
     hello(broker)
     good = [proto.dump({"ids": ["a", "b"], "created_us": 1, "sizes": 2}), b"{}{}"]
     bad = [b"not json", b""]
@@ -370,24 +293,24 @@ def test_each_part_of_a_put_is_answered_on_its_own_and_a_bad_part_spoils_only_it
     assert sum(p.depth for p in broker.partitions) == 3
 
 
-def test_a_put_with_an_unpaired_frame_is_refused_whole():
-    broker, _ = make()
+def test_a_put_with_an_unpaired_frame_is_refused_whole(make_broker):
+    broker, _ = make_broker()
     hello(broker)
     reply = producer_says(broker, Command.PUT, {"ids": [], "created_us": 1, "sizes": 0},
                           [b"", b"{}"])
     assert proto.error_of(reply)[0] == "BAD_MESSAGE"
 
 
-def test_an_id_twice_in_one_batch_is_stored_once_and_answered_as_a_duplicate():
-    broker, _ = make(partitions=1)
+def test_an_id_twice_in_one_batch_is_stored_once_and_answered_as_a_duplicate(make_broker):
+    broker, _ = make_broker(partitions=1)
     hello(broker)
     reply = put(broker, b'{"n":1}', b'{"n":2}', b'{"n":1}', ids=["x", "y", "x"])
     assert placed(reply) == [[0, 0, 0, False], [1, 0, 1, False], [2, 0, 0, True]]
     assert broker.partitions[0].depth == 2
 
 
-def test_a_keyless_batch_overflows_into_the_next_partition_before_anything_is_refused():
-    broker, _ = make(partitions=3, capacity=2)
+def test_a_keyless_batch_overflows_into_the_next_partition_before_anything_is_refused(make_broker):
+    broker, _ = make_broker(partitions=3, capacity=2)
     hello(broker)
     reply = put(broker, *[b"{}"] * 7)
     assert reply.header["acks"] == [[0, 2, 0, 0], [2, 2, 1, 0], [4, 2, 2, 0]]
@@ -395,8 +318,8 @@ def test_a_keyless_batch_overflows_into_the_next_partition_before_anything_is_re
     assert [p.depth for p in broker.partitions] == [2, 2, 2]
 
 
-def test_a_bad_record_among_good_ones_is_refused_alone_and_the_rest_stored_in_runs():
-    broker, _ = make(partitions=2)
+def test_a_bad_record_among_good_ones_is_refused_alone_and_the_rest_stored_in_runs(make_broker):
+    broker, _ = make_broker(partitions=2)
     hello(broker)
     reply = put(broker, b'{"a":1}', b'{"a":', b'{"a":3}', b'{"a":4}')
     assert reply.header["acks"] == [[0, 1, 0, 0], [2, 2, 0, 1]]
@@ -418,10 +341,10 @@ def test_compact_sends_a_value_shared_by_every_record_once_and_column_expands_it
             proto.column(header, "sizes", 2)
 
 
-def test_a_put_with_shared_values_reaches_the_consumer_with_every_value_in_place():
+def test_a_put_with_shared_values_reaches_the_consumer_with_every_value_in_place(make_broker):
     import zlib
 
-    broker, _ = make(partitions=4)
+    broker, _ = make_broker(partitions=4)
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     header = {"ids": ["a", "b", "c"], "keys": "k", "created_us": 42, "sizes": 2}
@@ -460,37 +383,8 @@ def test_what_the_broker_would_refuse_fails_in_the_client_before_sending(record,
         record()
 
 
-def replies_to(broker: Broker, who: bytes) -> list[proto.Message]:
-    """Replies the broker queued for producer ``who`` (removed from the outbox)."""
-    mine = [f for side, f in broker.outbox if side == FRONT and f[0] == who]
-    broker.outbox = [(s, f) for s, f in broker.outbox if not (s == FRONT and f[0] == who)]
-    return [proto.decode(f[2:]) for f in mine]
-
-
-def put_parked(broker: Broker, *payloads: bytes, who: bytes = b"req-1") -> None:
-    ids = [f"{who.decode()}-{i}-{broker.counters['waited']}" for i in range(len(payloads))]
-    metas = [[i, None, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
-    broker.handle_frontend([who, b"", *proto.encode(Command.PUT, columns(metas),
-                                                     proto.join_payloads(list(payloads)))],
-                           broker.clock())
-    assert replies_to(broker, who) == []  # parked: the REQ producer waits for its reply
-
-
-def full_broker_with_a_consumer(**options: Any) -> tuple[Broker, Clock, dict[str, Any]]:
-    """One partition of capacity 2, full, its records held by consumer 9090: (broker, clock,
-    the batch the consumer holds)."""
-    broker, clock = make(partitions=1, capacity=2, **options)
-    hello(broker)
-    hello(broker, b"req-2", "8081")
-    consumer_says(broker, "9090", Command.HELLO)
-    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
-    put(broker, b"{}", b"{}")
-    (records,) = to(broker, "9090")
-    return broker, clock, only_batch(records)
-
-
-def test_a_put_that_does_not_fit_waits_for_room_and_is_stored_once_the_consumer_acks():
-    broker, clock, held = full_broker_with_a_consumer()
+def test_a_put_that_does_not_fit_waits_for_room_and_is_stored_once_the_consumer_acks(make_broker):
+    broker, clock, held = full_broker_with_a_consumer(make_broker)
     put_parked(broker, b'{"n":3}')
     put_parked(broker, b'{"n":4}', who=b"req-2")
     assert broker.snapshot()["waiting_puts"] == 2 and broker.counters["refused"] == 0
@@ -506,8 +400,8 @@ def test_a_put_that_does_not_fit_waits_for_room_and_is_stored_once_the_consumer_
     assert broker.snapshot()["waiting_puts"] == 0
 
 
-def test_a_parked_put_is_refused_retryably_when_its_wait_is_over():
-    broker, clock, _ = full_broker_with_a_consumer(put_wait_ms=300)
+def test_a_parked_put_is_refused_retryably_when_its_wait_is_over(make_broker):
+    broker, clock, _ = full_broker_with_a_consumer(make_broker, put_wait_ms=300)
     put_parked(broker, b"{}")
     clock.now += 0.29
     broker.unpark(clock.now)
@@ -518,8 +412,8 @@ def test_a_parked_put_is_refused_retryably_when_its_wait_is_over():
     assert [(e[1], e[3]) for e in reply.header["errors"]] == [("PARTITION_FULL", True)]
 
 
-def test_a_put_that_fits_goes_ahead_of_a_parked_one_that_does_not():
-    broker, clock, held = full_broker_with_a_consumer()
+def test_a_put_that_fits_goes_ahead_of_a_parked_one_that_does_not(make_broker):
+    broker, clock, held = full_broker_with_a_consumer(make_broker)
     put_parked(broker, b"{}", b"{}")  # needs both slots
     consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))
     broker.unpark(clock.now)
@@ -531,16 +425,16 @@ def test_a_put_that_fits_goes_ahead_of_a_parked_one_that_does_not():
     assert [e[1] for e in reply.header["errors"]] == ["PARTITION_FULL", "PARTITION_FULL"]
 
 
-def test_a_resend_of_records_the_broker_holds_needs_no_room_and_does_not_wait():
-    broker, _, held = full_broker_with_a_consumer()
+def test_a_resend_of_records_the_broker_holds_needs_no_room_and_does_not_wait(make_broker):
+    broker, _, held = full_broker_with_a_consumer(make_broker)
     ids = [f"id-{i}-0" for i in range(2)]  # what full_broker_with_a_consumer put
     reply = put(broker, b"{}", b"{}", ids=ids)
     assert [d[0] for d in reply.header["dups"]] == [0, 1] and broker.snapshot()["waiting_puts"] == 0
 
 
 @pytest.mark.parametrize("keys", [None, ["k", "k", "k"]])
-def test_only_ids_the_broker_does_not_know_need_room(keys):
-    broker, clock, held = full_broker_with_a_consumer()
+def test_only_ids_the_broker_does_not_know_need_room(keys, make_broker):
+    broker, clock, held = full_broker_with_a_consumer(make_broker)
     consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))  # room for one
     # held, recently acked, new: only the new one needs the slot, so nothing waits
     ids = ["id-1-0", "id-0-0", "new"]
@@ -551,16 +445,16 @@ def test_only_ids_the_broker_does_not_know_need_room(keys):
     assert broker.snapshot()["waiting_puts"] == 0
 
 
-def test_an_id_twice_in_one_part_needs_room_once():
-    broker, clock, held = full_broker_with_a_consumer()
+def test_an_id_twice_in_one_part_needs_room_once(make_broker):
+    broker, clock, held = full_broker_with_a_consumer(make_broker)
     consumer_says(broker, "9090", Command.ACK, ack(0, held["epoch"], [0]))  # room for one
     reply = put(broker, b"{}", b"{}", ids=["twice", "twice"])
     assert reply.header["acks"] == [[0, 1, 0, 2]] and [d[0] for d in reply.header["dups"]] == [1]
     assert broker.snapshot()["waiting_puts"] == 0
 
 
-def test_a_producer_waiting_on_a_parked_put_is_not_expired_for_its_silence():
-    broker, clock, held = full_broker_with_a_consumer(put_wait_ms=5000)
+def test_a_producer_waiting_on_a_parked_put_is_not_expired_for_its_silence(make_broker):
+    broker, clock, held = full_broker_with_a_consumer(make_broker, put_wait_ms=5000)
     put_parked(broker, b"{}")
     clock.now += 3.5  # longer than 3 x 1 s of silence
     consumer_says(broker, "9090", Command.HEARTBEAT)
@@ -571,8 +465,8 @@ def test_a_producer_waiting_on_a_parked_put_is_not_expired_for_its_silence():
     assert replies_to(broker, b"req-1")[0].header["acks"] == [[0, 1, 0, 2]]
 
 
-def test_a_lone_surrogate_in_a_header_is_refused_at_once_and_a_parked_put_harms_nothing():
-    broker, clock, held = full_broker_with_a_consumer()
+def test_a_lone_surrogate_in_a_header_is_refused_at_once_and_parked_puts_are_unharmed(make_broker):
+    broker, clock, held = full_broker_with_a_consumer(make_broker)
     put_parked(broker, b"{}")
     # The standard library writes the "\ud800" escape that no database driver takes.
     bad = json.dumps({"ids": ["ok", "\ud800"], "keys": None, "created_us": 1, "sizes": 2})
@@ -586,8 +480,8 @@ def test_a_lone_surrogate_in_a_header_is_refused_at_once_and_a_parked_put_harms_
     assert replies_to(broker, b"req-1")[0].header["acks"] == [[0, 1, 0, 2]]
 
 
-def test_parked_puts_are_told_the_broker_is_stopping():
-    broker, clock, _ = full_broker_with_a_consumer()
+def test_parked_puts_are_told_the_broker_is_stopping(make_broker):
+    broker, clock, _ = full_broker_with_a_consumer(make_broker)
     put_parked(broker, b"{}")
     broker.stopping_until = clock.now + 10
     broker.unpark(clock.now)
@@ -595,17 +489,17 @@ def test_parked_puts_are_told_the_broker_is_stopping():
     assert proto.error_of(reply)[0] == "UNAVAILABLE"
 
 
-def test_without_a_wait_or_a_consumer_a_full_broker_refuses_at_once():
-    broker, _, _ = full_broker_with_a_consumer(put_wait_ms=0)
+def test_without_a_wait_or_a_consumer_a_full_broker_refuses_at_once(make_broker):
+    broker, _, _ = full_broker_with_a_consumer(make_broker, put_wait_ms=0)
     assert put(broker, b"{}").header["errors"][0][1] == "PARTITION_FULL"
-    lonely, _ = make(partitions=1, capacity=1)
+    lonely, _ = make_broker(partitions=1, capacity=1)
     hello(lonely)
     put(lonely, b"{}")
     assert put(lonely, b"{}").header["errors"][0][1] == "PARTITION_FULL"  # nobody makes room
 
 
-def test_a_put_larger_than_the_whole_queue_stores_what_fits_without_waiting():
-    broker, clock = make(partitions=1, capacity=2)
+def test_a_put_larger_than_the_whole_queue_stores_what_fits_without_waiting(make_broker):
+    broker, clock = make_broker(partitions=1, capacity=2)
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     reply = put(broker, b"{}", b"{}", b"{}")
@@ -613,8 +507,8 @@ def test_a_put_larger_than_the_whole_queue_stores_what_fits_without_waiting():
     assert [e[1] for e in reply.header["errors"]] == ["PARTITION_FULL"]
 
 
-def test_a_busy_consumer_gets_full_batches_and_the_rest_once_it_acked():
-    broker, _ = make(partitions=1, max_batch=3)
+def test_a_busy_consumer_gets_full_batches_and_the_rest_once_it_acked(make_broker):
+    broker, _ = make_broker(partitions=1, max_batch=3)
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     consumer_says(broker, "9090", Command.FETCH, {"credit": 100})
@@ -634,10 +528,10 @@ def test_a_busy_consumer_gets_full_batches_and_the_rest_once_it_acked():
     assert len(records_of(rest)) == 1
 
 
-def test_a_keyed_put_waits_for_room_in_its_own_partition_even_if_others_have_some():
+def test_a_keyed_put_waits_for_room_in_its_own_partition_even_if_others_have_some(make_broker):
     import zlib
 
-    broker, clock = make(partitions=2, capacity=1)
+    broker, clock = make_broker(partitions=2, capacity=1)
     hello(broker)
     consumer_says(broker, "9090", Command.HELLO)
     consumer_says(broker, "9090", Command.FETCH, {"credit": 10})

@@ -7,8 +7,7 @@ import threading
 from typing import Any
 
 import zmq
-from helpers import Fabric, recv, wait_until
-from test_fabric_inproc import stored_rows as stored
+from helpers import Fabric, hello, put, recv, stored_rows, wait_until
 
 from zmqlab import protocol as proto
 from zmqlab.deadletters import list_dead, replay
@@ -31,7 +30,7 @@ def test_a_poison_record_goes_to_dead_letters_while_the_others_flow_and_can_be_r
         with fabric.client("8080") as client:
             records = [make_record({"n": n, "poison": n == 7}) for n in range(40)]
             client.send_batch(records)
-        wait_until(lambda: len(stored(db_url)) == 39, what="the healthy records")
+        wait_until(lambda: len(stored_rows(db_url)) == 39, what="the healthy records")
         wait_until(lambda: queue_empty(fabric), what="the poison record to leave the queue")
         (dead,) = list_dead(db_url)
         assert (dead["id"], dead["attempts"]) == (records[7].id, 3)
@@ -45,7 +44,7 @@ def test_a_poison_record_goes_to_dead_letters_while_the_others_flow_and_can_be_r
         report = replay(db_url, fabric.ingress["8080"], context=ctx)
         assert [a.id for a in report.replayed] == [records[7].id]
         assert not report.replayed[0].duplicate  # dead letters are not in the dedupe window
-        wait_until(lambda: len(stored(db_url)) == 40, what="the replayed record")
+        wait_until(lambda: len(stored_rows(db_url)) == 40, what="the replayed record")
         assert list_dead(db_url) == []
     finally:
         fabric.stop()
@@ -101,8 +100,8 @@ def test_a_consumer_busy_in_a_long_transaction_is_not_declared_dead(ctx, db_url)
         assert snap["counters"]["expired"] == 0 and snap["consumers"][0]["name"] == "9090"
         assert snap["partitions"][0]["owner"] == "9090"
         GatedSink.gate.set()
-        wait_until(lambda: len(stored(db_url)) == 10, what="the batch stored")
-        assert {r["attempt"] for r in stored(db_url)} == {1}
+        wait_until(lambda: len(stored_rows(db_url)) == 10, what="the batch stored")
+        assert {r["attempt"] for r in stored_rows(db_url)} == {1}
         wait_until(lambda: queue_empty(fabric), what="acks")
     finally:
         GatedSink.gate.set()
@@ -135,7 +134,7 @@ def test_a_producer_facing_a_full_queue_waits_for_room_instead_of_being_refused(
         sender.join(10)
         acks, retries = outcome[0]
         assert len(acks) == 5 and retries == 0
-        wait_until(lambda: len(stored(db_url)) == 15, what="all 15 stored")
+        wait_until(lambda: len(stored_rows(db_url)) == 15, what="all 15 stored")
         assert fabric.status()["counters"]["refused"] == 0
     finally:
         GatedSink.gate.set()
@@ -161,8 +160,8 @@ def test_a_consumer_waiting_for_the_writer_turn_stores_what_piled_up_in_one_tran
                 client.send_batch([make_record({"n": n})])
         wait_until(lambda: consumer.stats["received"] == 8, what="all 7 at the consumer")
         fcntl.flock(other, fcntl.LOCK_UN)
-        wait_until(lambda: len(stored(db_url)) == 8, what="all 7 stored")
-        later = [r for r in stored(db_url) if r["payload"]["n"] >= 0]
+        wait_until(lambda: len(stored_rows(db_url)) == 8, what="all 7 stored")
+        later = [r for r in stored_rows(db_url) if r["payload"]["n"] >= 0]
         assert len({row["stored_at"] for row in later}) == 1  # in one transaction
     finally:
         other.close()
@@ -195,7 +194,7 @@ def test_while_the_database_is_down_records_stay_queued_and_flow_when_it_returns
         assert sum(p["acked"] for p in snap["partitions"]) == 0
         assert consumer.sink_error == "database is down (test)"
         GatedSink.down.clear()
-        wait_until(lambda: len(stored(db_url)) == 20, what="records stored after recovery")
+        wait_until(lambda: len(stored_rows(db_url)) == 20, what="records stored after recovery")
         wait_until(lambda: queue_empty(fabric), what="acks after recovery")
         assert consumer.sink_error is None
     finally:
@@ -261,14 +260,14 @@ def test_consumers_and_producer_services_register_again_after_a_broker_restart(c
         wait_until(lambda: all(c.registered for c in fabric.consumers.values()))
         with fabric.client("8080", timeout_ms=500, retries=10) as client:
             client.send_batch([make_record({"n": n}) for n in range(10)])
-            wait_until(lambda: len(stored(db_url)) == 10, what="first records")
+            wait_until(lambda: len(stored_rows(db_url)) == 10, what="first records")
             fabric.broker.stop()
             from zmqlab import Broker
 
             fabric.broker = Broker(fabric.broker_config, context=ctx)
             fabric.broker.start()
             client.send_batch([make_record({"n": n}) for n in range(10, 20)])
-        wait_until(lambda: len(stored(db_url)) == 20, what="records after the restart")
+        wait_until(lambda: len(stored_rows(db_url)) == 20, what="records after the restart")
         sessions = [c.session for c in fabric.consumers.values()]
         assert all(s >= 2 for s in sessions)
         wait_until(lambda: len(fabric.status()["consumers"]) == 2, what="both consumers back")
@@ -276,21 +275,19 @@ def test_consumers_and_producer_services_register_again_after_a_broker_restart(c
         fabric.stop()
 
 
-def test_the_dedupe_window_is_bounded(ctx):
-    from test_broker_unit import hello, make, put
-
-    broker, _ = make(partitions=1, dedupe_window=2)
+def test_the_dedupe_window_is_bounded(make_broker):
+    broker, _ = make_broker(partitions=1, dedupe_window=2)
     hello(broker)
     broker.handle_backend([b"9090", b"", *proto.encode(Command.HELLO, {})], 0)
     broker.handle_backend([b"9090", b"", *proto.encode(Command.FETCH, {"credit": 10})], 0)
     put(broker, b"{}", b"{}", b"{}", b"{}", ids=["a", "b", "c", "d"])
-    broker.dispatch(0)
+    broker.deliver(0)
     epoch = broker.partitions[0].epoch
     for first in (0, 2):  # two ACKs of two: each fills a generation of the window
         broker.handle_backend([b"9090", b"", *proto.encode(Command.ACK, {"acks": [
             {"partition": 0, "epoch": epoch, "offsets": [[first, 2]]}]})], 0)
-    assert not broker._held
-    assert len(broker._recent) + len(broker._recent_old) <= 2 * 2
+    assert not broker.dedupe.held
+    assert broker.dedupe.remembered <= 2 * 2
     assert put(broker, b"{}", ids=["c"]).header["dups"] == [[0, 0, 2]]
     assert put(broker, b"{}", ids=["a"]).header["dups"] == []  # outside the window
 
@@ -316,7 +313,7 @@ def test_a_stopping_broker_refuses_new_records_and_drains_what_it_holds(ctx, db_
         GatedSink.gate.set()
         stopper.join(15)
         assert not fabric.broker.alive
-        assert len(stored(db_url)) == 30
+        assert len(stored_rows(db_url)) == 30
     finally:
         GatedSink.gate.set()
         consumer.stop()

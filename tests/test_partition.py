@@ -95,7 +95,7 @@ def test_release_redelivers_first_in_order_with_attempt_raised():
         p.append(*entry(i))
     p.take(2)
     p.want_owner("9091")
-    assert p.owner == "9090"  # still draining: two records in flight at 9090
+    assert p.owner == "9090"  # still handing over: two records in flight at 9090
     assert p.owner_gone() == 2
     assert (p.owner, p.epoch) == ("9091", 2)
     assert rows(p.take(10)) == [(0, "id0", 2), (1, "id1", 2), (2, "id2", 1)]
@@ -106,9 +106,9 @@ def test_handover_waits_for_the_old_owners_acks():
     p.append(*entry(0))
     p.take(1)
     assert not p.want_owner("9091")
-    assert p.draining and p.owner == "9090" and p.epoch == 1
+    assert p.handing_over and p.owner == "9090" and p.epoch == 1
     p.ack("9090", 1, [0])  # the old owner finishes: the lease moves now
-    assert (p.owner, p.epoch, p.draining) == ("9091", 2, False)
+    assert (p.owner, p.epoch, p.handing_over) == ("9091", 2, False)
     with pytest.raises(ReplyError):
         p.ack("9090", 1, [0])
 
@@ -138,7 +138,7 @@ def test_random_rebalances_never_put_a_record_in_flight_at_two_owners():
         if action < 0.3:
             if p.append(*entry(n)) is not None:
                 n += 1
-        elif action < 0.5 and p.owner and not p.draining:
+        elif action < 0.5 and p.owner and not p.handing_over:
             for offset in offsets_of(p.take(rng.randint(1, 5))):
                 assert offset not in at, "delivered while in flight elsewhere"
                 at[offset] = p.owner
@@ -152,7 +152,7 @@ def test_random_rebalances_never_put_a_record_in_flight_at_two_owners():
         elif action < 0.85:
             p.want_owner(rng.choice(consumers))
             if not at:
-                assert not p.draining
+                assert not p.handing_over
         else:
             if p.owner is not None:
                 p.owner_gone()

@@ -10,7 +10,7 @@ only when its owner acknowledges it (``ack``); a full ring refuses appends inste
 overwriting. Ownership is a lease ``(owner, epoch)``: every change of owner bumps the epoch, and
 an ACK that names an old epoch is refused, so a late ACK can never settle a record that was
 redelivered elsewhere. A change of owner waits until the old owner's in-flight records are
-acknowledged (``want_owner`` drains) or released (``owner_gone``), so a partition is never in
+acknowledged (``want_owner`` hands over) or released (``owner_gone``), so a partition is never in
 flight at two consumers.
 
 No sockets here: the broker thread is the only writer; ``lock`` keeps readers on other threads
@@ -50,10 +50,9 @@ class Partition:
     """One ring buffer plus its ownership lease.
 
     The ring keeps each field in its own preallocated list or array instead of an object per
-    record: a held 200-byte record then costs its payload, its id and a few slots (~2x the
-    payload bytes) instead of ~3x with an object, a float and a tuple per record. Records come
-    and go in runs (a PUT batch, a RECORDS batch, an ACK), so each column is read and written
-    by slice assignment: C loops instead of Python ones.
+    record: a held record then costs its payload, its id and a few slots, with no object, float
+    or tuple of its own. Records come and go in runs (a PUT batch, a RECORDS batch, an ACK),
+    so each column is read and written by slice assignment: C loops instead of Python ones.
     """
 
     def __init__(self, number: int, capacity: int) -> None:
@@ -74,7 +73,7 @@ class Partition:
         self._acked: set[int] = set()  # acknowledged offsets above head (out-of-order ACKs)
         self.owner: str | None = None
         self.epoch = 0
-        self.target: str | None = None  # the owner-to-be while the current owner drains
+        self.target: str | None = None  # the next owner, once the current one settles
         self.appended_total = 0
         self.acked_total = 0
         self.released_total = 0
@@ -93,7 +92,8 @@ class Partition:
         return self.tail - self.cursor
 
     @property
-    def draining(self) -> bool:
+    def handing_over(self) -> bool:
+        """The lease is moving to ``target`` once the owner's in-flight records are settled."""
         return self.target != self.owner
 
     @property
@@ -188,7 +188,7 @@ class Partition:
 
         Returns (offset of the first, ids) of the records that left the ring: always a run
         from the old head, since out-of-order ACKs wait above the head until it is acknowledged.
-        If the partition was draining towards a new owner and nothing is in flight any more,
+        If the partition was being handed over to a new owner and nothing is in flight any more,
         the lease moves now.
         """
         with self.lock:
@@ -232,7 +232,7 @@ class Partition:
                 self._payloads[start:stop] = nothing
             self.head = head + count
             self.acked_total += len(offsets)
-            if self.draining and self.cursor == self.head:
+            if self.handing_over and self.cursor == self.head:
                 self._transfer()
             return head, removed
 

@@ -7,8 +7,7 @@ Every message, after the ROUTER's routing frames and the empty delimiter, is::
 ``header`` is a small JSON object. The payloads of a batch (PUT, RECORDS) travel as one frame:
 the records' raw JSON bytes back to back, each record's size in its header entry. The broker
 slices and joins them without decoding them. One frame per batch rather than one per record,
-because on the hot path a ZeroMQ frame costs ~3 µs of Python per send (the broker's profile was
-dominated by it) while a slice costs ~0.1 µs.
+because a ZeroMQ frame costs far more Python to send than a slice costs to cut.
 
 A PUT is one or more *parts* — (header, payload) frame pairs — and its ACK one header frame per
 part: a producer service forwards the parts of several clients in one request, and hands each
@@ -17,9 +16,9 @@ client its part's answer, without decoding or re-encoding records. Acknowledgeme
 JSON list per field — where a column whose records all share one value is sent as that value
 once (``"keys": null`` for a keyless batch, one ``created_us`` for a batch made at once), so
 the per-record share of every header is little more than an id; times travel as integer
-microseconds (a float's repr cost twice an int's). Consumers' DEALER sockets send the empty
-delimiter that a REQ socket would add, so one parser serves both sides of the broker. The
-README documents every field.
+microseconds (an int encodes faster than a float's repr). Consumers' DEALER sockets send the
+empty delimiter that a REQ socket would add, so one parser serves both sides of the broker.
+docs/protocol.md is the specification of every field; docs/performance.md has the figures.
 """
 
 from __future__ import annotations
@@ -74,10 +73,9 @@ class Message:
 
 
 _COMMANDS = {command.value: command for command in Command}
-# msgspec's JSON codec, not the standard library's: a 100-record PUT header is encoded 7-12
-# times and decoded 1.7 times as fast on every hop, and a payload is checked in 0.38 µs instead
-# of 1.4-1.7; it is also strict where PostgreSQL is (NaN, Infinity, lone surrogates and invalid
-# UTF-8 are refused at the broker, not by the database after the record was acknowledged).
+# msgspec's JSON codec, not the standard library's: several times faster on every hop, and
+# strict where PostgreSQL is (NaN, Infinity, lone surrogates and invalid UTF-8 are refused at
+# the broker, not by the database after the record was acknowledged).
 _DECODE = msgspec.json.Decoder().decode
 _DECODE_OBJECT = msgspec.json.Decoder(dict).decode
 _ENCODE = msgspec.json.Encoder().encode
