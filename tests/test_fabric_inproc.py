@@ -8,78 +8,11 @@ from typing import Any
 
 import pytest
 import zmq
-from helpers import Fabric, recv, wait_until
-from sqlalchemy import select
+from helpers import Fabric, recv, run_seed_scenario, stored_rows, wait_until
 
 from zmqlab import protocol as proto
 from zmqlab.producer import make_record
 from zmqlab.protocol import Command
-from zmqlab.store import RECORDS, make_engine
-
-
-def stored_rows(db_url: str) -> list[Any]:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(select(RECORDS)).mappings())
-    finally:
-        engine.dispose()
-
-
-def run_seed_scenario(ctx: zmq.Context[Any], db_url: str, per_producer: int = 200) -> None:
-    """Given 3 producers, a broker with 6 partitions and 3 consumers,
-    when every producer's clients send records concurrently,
-    then every record is acknowledged, stored exactly once, and gone from the queue."""
-    fabric = Fabric(ctx, db_url).start()
-    try:
-        wait_until(lambda: all(c.registered for c in fabric.consumers.values()), what="consumers")
-        acks: dict[str, Any] = {}
-        failures: list[BaseException] = []
-
-        def produce(name: str) -> None:
-            try:
-                with fabric.client(name) as client:
-                    for start in range(0, per_producer, 25):
-                        batch = [make_record({"producer": name, "n": n},
-                                             key=None if n % 2 else f"k{n % 7}")
-                                 for n in range(start, start + 25)]
-                        for ack in client.send_batch(batch):
-                            acks[ack.id] = ack
-            except BaseException as exc:  # reported by the main thread
-                failures.append(exc)
-
-        threads = [threading.Thread(target=produce, args=(n,)) for n in fabric.producers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not failures, failures
-        total = 3 * per_producer
-        assert len(acks) == total and not any(a.duplicate for a in acks.values())
-
-        wait_until(lambda: len(stored_rows(db_url)) >= total, what="all records stored")
-        rows = stored_rows(db_url)
-        assert sorted(r["id"] for r in rows) == sorted(acks)  # each exactly once
-        for row in rows:
-            ack = acks[row["id"]]
-            assert (row["partition"], row["offset"]) == (ack.partition, ack.offset)
-            assert row["producer"] == row["payload"]["producer"]
-            assert row["consumer"] in fabric.consumers
-            assert row["attempt"] == 1
-        # Ownership: every partition's rows were stored by its round-robin owner.
-        owners = {p: str(9090 + p % 3) for p in range(6)}
-        assert all(row["consumer"] == owners[row["partition"]] for row in rows)
-
-        def queue_empty() -> bool:
-            snap = fabric.status()
-            return all(p["depth"] == 0 for p in snap["partitions"]) and snap["held_ids"] == 0
-
-        wait_until(queue_empty, what="the queue to drain")
-        snap = fabric.status()
-        assert sum(p["acked"] for p in snap["partitions"]) == total
-        assert {p["name"] for p in snap["producers"]} == set(fabric.producers)
-    finally:
-        fabric.stop()
 
 
 def test_every_record_acknowledged_stored_once_and_removed(ctx, db_url):

@@ -101,7 +101,7 @@ def test_records_wait_in_the_queue_while_postgresql_is_down(ctx, server: Private
         server.start()
         wait_until(lambda: count() == 200, 60, "the held records stored after the restart")
         wait_until(lambda: all(p["depth"] == 0 for p in fabric.status()["partitions"]), 30,
-                   "the queue to drain")
+                   "the queue to empty")
         assert consumer.sink_error is None
         with engine.connect() as conn:
             ids = [r[0] for r in conn.execute(select(RECORDS.c.id))]

@@ -27,7 +27,8 @@ def _records(n: int, prefix: str) -> list[OutRecord]:
     return [make_record({"i": i}, id=f"{prefix}{i}") for i in range(n)]
 
 
-def _drain(client: PipelinedProducer, want: int, timeout_s: float = 10.0) -> list[Completion]:
+def _collect(client: PipelinedProducer, want: int, timeout_s: float = 10.0) -> list[Completion]:
+    """Pump the client until ``want`` requests are over (bounded by ``timeout_s``)."""
     done: list[Completion] = []
     deadline = time.monotonic() + timeout_s
     while len(done) < want:
@@ -145,7 +146,7 @@ def test_answers_are_matched_by_tag_in_any_order(ctx, url) -> None:
     for k, (route, _) in reversed(list(enumerate(requests))):
         _answer(server, route, _ack([[0, 2, k, 100 * k]]))
     # When the client reads the answers
-    done = _drain(client, 3)
+    done = _collect(client, 3)
     # Then each went to its own request
     assert [c.token for c in done] == [2, 1, 0]
     for completion in done:
@@ -169,7 +170,7 @@ def test_a_silent_put_is_resent_and_the_late_answer_to_its_first_try_is_ignored(
     assert second.header["ids"] == first.header["ids"] and second_route != first_route
     _answer(server, first_route, _ack([[0, 2, 0, 0]]))  # late: the client stopped waiting
     _answer(server, second_route, _ack([], dups=[[0, 0, 0], [1, 0, 1]]))
-    done = _drain(client, 1)
+    done = _collect(client, 1)
     # Then the request completes once, on the answer to the try it waited for
     assert len(done) == 1 and done[0].token == "a"
     assert done[0].outcome.acked == 2 and len(done[0].outcome.dups) == 2
@@ -192,13 +193,13 @@ def test_a_refused_put_backs_off_without_holding_up_the_window(ctx, url) -> None
                                                           [2, "PARTITION_FULL", "full", True]]))
     _answer(server, route_b, _ack([[0, 2, 1, 0]]))
     # When the second is answered while the first backs off
-    done = _drain(client, 1)
+    done = _collect(client, 1)
     assert [c.token for c in done] == ["ok"]
     # Then only the refused records are sent again, after the backoff
     route, retry = _next(server, client)
     assert retry.header["ids"] == ["full-1", "full-2"]
     _answer(server, route, _ack([[0, 2, 0, 1]]))
-    done = _drain(client, 1)
+    done = _collect(client, 1)
     assert done[0].token == "full" and done[0].outcome.acked == 3
     assert [a.offset for a in done[0].outcome.acks(done[0].records)] == [0, 1, 2]
     assert client.stats["backpressure_retries"] == 2
@@ -213,7 +214,7 @@ def test_a_refusal_that_outlives_the_deadline_is_reported(ctx, url) -> None:
     _welcome(server)
     route, _ = _next(server)
     _answer(server, route, _ack([], errors=[[0, "PARTITION_FULL", "full", True]]))
-    done = _drain(client, 1)
+    done = _collect(client, 1)
     refusal = done[0].outcome.refusals[0]
     assert refusal.code == "PARTITION_FULL" and "deadline" in refusal.reason
     client.close()
@@ -233,7 +234,7 @@ def test_a_forgotten_client_says_hello_again_and_resends(ctx, url) -> None:
     route, again = _next(server, client)
     assert again.command is Command.PUT and again.header["ids"] == put.header["ids"]
     _answer(server, route, _ack([[0, 2, 3, 7]]))
-    assert _drain(client, 1)[0].outcome.acked == 2
+    assert _collect(client, 1)[0].outcome.acked == 2
     client.close()
     server.close()
 
@@ -248,7 +249,7 @@ def test_a_silent_endpoint_fails_over_with_everything_in_flight(ctx, db_url, url
         for k in range(3):
             client.submit(_records(10, f"f{k}-"), token=k)
         # When the tries on the first run out
-        done = _drain(client, 3)
+        done = _collect(client, 3)
         client.close()
     finally:
         fabric.stop()
@@ -265,7 +266,7 @@ def test_when_every_endpoint_is_silent_the_records_are_refused_unavailable(ctx, 
     client = PipelinedProducer(urls, context=ctx, window=2, timeout_ms=50, retries=1)
     client.submit(_records(4, "a-"), token="a")
     client.submit(_records(3, "b-"), token="b")
-    done = _drain(client, 2)
+    done = _collect(client, 2)
     assert {c.token: len(c.outcome.refusals) for c in done} == {"a": 4, "b": 3}
     reason = done[0].outcome.refusals[0].reason
     assert done[0].outcome.refusals[0].code == "UNAVAILABLE"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from helpers import run_seed_scenario
 from sqlalchemy import select
-from test_fabric_inproc import run_seed_scenario
 
 from zmqlab.store import DEAD_LETTERS, RECORDS, Batch, Delivery, Records, Sink
 

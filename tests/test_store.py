@@ -229,7 +229,7 @@ def test_a_batch_needs_deliveries_or_columns_of_one_length():
 
 
 def test_the_latest_creation_time_the_broker_accepts_is_stored(db_url):
-    from zmqlab.broker import MAX_CREATED_US
+    from zmqlab.protocol import MAX_CREATED_US
 
     records = columns_of([delivery(0), delivery(1)])._replace(
         created_us=[MAX_CREATED_US - 1, 0])

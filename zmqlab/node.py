@@ -11,32 +11,32 @@ import gc
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
 
 from zmqlab import protocol as proto
-from zmqlab.errors import ProtocolError, ReplyError, ZmqlabError
+from zmqlab.errors import ErrorCode, ProtocolError, ReplyError, ZmqlabError
+from zmqlab.protocol import Command
 
 STOP = b"STOP"
+# Micro-optimization: plain ints, because IntFlag arithmetic runs in Python.
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-# pyzmq's ``Socket.send`` is a Python wrapper (for DRAFT routing ids and groups, which zmqlab
-# does not use) around the compiled backend's send; calling the backend directly halves the
-# cost of a frame (a six-frame message: 4.6 -> 2.2 µs on the bench machine).
+# Micro-optimization: pyzmq's ``Socket.send`` is a Python wrapper (for DRAFT routing ids and
+# groups, which zmqlab does not use) around the compiled backend's send; we call the backend.
 _send_frame = _BackendSocket.send
 _recv_frame = _BackendSocket.recv
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[bytes], flags: int = 0) -> None:
-    """``send_multipart`` at under half its cost.
+    """``send_multipart`` without its per-frame Python overhead.
 
-    pyzmq's version combines ``zmq.SNDMORE | flags`` for every frame, and on Python 3.11 an
-    ``IntFlag`` operation runs in Python (~1 µs); a six-frame send measured 33 µs against 12 µs
-    with plain ints, and sends were a quarter to two thirds of every node's profile. ZeroMQ
-    delivers a multipart message whole or not at all, so this is as atomic as the original.
+    Micro-optimization: pyzmq's version combines ``zmq.SNDMORE | flags`` as ``IntFlag`` for
+    every frame, which runs in Python; here the flags are plain ints. ZeroMQ delivers a
+    multipart message whole or not at all, so this is as atomic as the original.
     """
     send = _send_frame
     last = len(frames) - 1
@@ -45,11 +45,11 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[bytes], flags: int = 0) 
 
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
-    """``recv_multipart`` at under two thirds of its cost.
+    """``recv_multipart`` without its per-frame Python overhead.
 
-    Plain-int flags (for the reason above), and whether more frames follow is read off each
-    received Frame (a C property) instead of ``getsockopt(RCVMORE)``, which converts the option
-    to a ``SocketOption`` enum in Python on every frame: a six-frame message 7.3 -> 5.5 µs.
+    Micro-optimization: plain-int flags (as in ``send_frames``), and whether more frames
+    follow is read off each received Frame (a C property) instead of ``getsockopt(RCVMORE)``,
+    which converts the option to a ``SocketOption`` enum in Python on every frame.
     """
     frame = _recv_frame(sock, flags, False)
     frames: list[bytes] = [frame.bytes]
@@ -68,11 +68,10 @@ def tune_gc() -> None:
 
     Nothing on the hot paths makes reference cycles, but every message makes short-lived
     lists and dicts, and with the default thresholds each collection of the oldest
-    generation walks every object that imports left behind (SQLAlchemy, pydantic, rich:
-    hundreds of thousands). ``gc.freeze`` takes those out of every future collection and
-    higher thresholds make collections rarer; together they cut the CPU per record of the
-    benchmark by about a sixth (socket threads by half). Cycles are still collected. Called by
-    the CLI for its own process only: an application that embeds a node decides for itself.
+    generation walks every object that imports left behind (SQLAlchemy, pydantic, rich).
+    ``gc.freeze`` takes those out of every future collection and higher thresholds make
+    collections rarer. Cycles are still collected. Called by the CLI for its own process
+    only: an application that embeds a node decides for itself.
     """
     gc.collect()
     gc.freeze()
@@ -95,16 +94,44 @@ def bind(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
         raise ZmqlabError(f"cannot bind {what} on {endpoint}: {exc}") from None
 
 
+# ``handler(route, message)``: the reply frames, or None to answer later to
+# ``[*route, EMPTY, *reply]`` (the route is the sender's identity and any request tag, see
+# ``protocol.split_envelope``).
 Handler = Callable[[list[bytes], proto.Message], list[bytes] | None]
 
+_log = logging.getLogger("zmqlab.node")
 
-def serve_requests(sock: zmq.Socket[Any], handle: Handler, limit: int = 256) -> None:
+
+def answer_request(handlers: Mapping[Command, Handler], route: list[bytes],
+                   body: list[bytes], *, log: logging.Logger = _log,
+                   unknown: str = "{command} is not served here") -> list[bytes] | None:
+    """The reply to one request: its handler's, or ERR.
+
+    A ``ReplyError`` (a bad message, a refusal) becomes ``[ERR, code, reason]``; any other
+    exception is logged with its traceback and answered ``INTERNAL``, so one bad request never
+    stops the node. ``unknown`` is the reason given for a command without a handler.
+    """
+    try:
+        message = proto.decode(body)
+        handler = handlers.get(message.command)
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
+                                unknown.format(command=message.command.name))
+        return handler(route, message)
+    except ReplyError as exc:
+        return proto.encode_err(exc.code, exc.reason)
+    except Exception as exc:  # keep serving; the client learns something went wrong
+        log.exception("internal error answering a request")
+        return proto.encode_err(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def serve_requests(sock: zmq.Socket[Any], handlers: Mapping[Command, Handler], *,
+                   log: logging.Logger = _log, unknown: str = "{command} is not served here",
+                   limit: int = 256) -> None:
     """Answer what waits on a ROUTER (non-blocking, at most ``limit`` messages).
 
-    ``handle(route, message)`` returns the reply frames, or None to answer later to
-    ``[*route, EMPTY, *reply]`` (the route is the sender's identity and any request tag, see
-    ``protocol.split_envelope``); a ProtocolError becomes an ERR reply, so a bad request never
-    reaches the node's state.
+    Each request goes through ``answer_request``, the one place where a ROUTER ingress turns
+    an error into an ERR reply; a message without an envelope has nobody to answer.
     """
     for _ in range(limit):
         try:
@@ -115,10 +142,7 @@ def serve_requests(sock: zmq.Socket[Any], handle: Handler, limit: int = 256) -> 
             route, body = proto.split_envelope(frames)
         except ProtocolError:
             continue  # no envelope: nobody to answer
-        try:
-            reply = handle(route, proto.decode(body))
-        except ReplyError as exc:
-            reply = proto.encode_err(exc.code, exc.reason)
+        reply = answer_request(handlers, route, body, log=log, unknown=unknown)
         if reply is not None:
             send_frames(sock, proto.envelope(route, reply))
 

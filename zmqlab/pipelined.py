@@ -1,12 +1,11 @@
 """A pipelined producer client: several PUTs in flight on one DEALER socket.
 
 Why: the ``Producer`` client's REQ socket waits out a whole round trip per request, and on a
-small machine a round trip costs far more CPU than the records it carries (about 170 µs of
-context switches on the benchmark's 2-core VMs, the price of 100 records' broker work). With a
-window of requests in flight a client's thread wakes once for several replies, and a producer
-service finds several parts waiting each time its broker request returns, so it forwards them
-as one: fewer round trips at every hop. Kafka's producer keeps 5 requests in flight per
-connection by default for the same reason.
+small machine a round trip (its context switches) costs more CPU than the records it carries.
+With a window of requests in flight a client's thread wakes once for several replies, and a
+producer service finds several parts waiting each time its broker request returns, so it
+forwards them as one: fewer round trips at every hop. Kafka's producer keeps 5 requests in
+flight per connection by default for the same reason.
 
 Wire: a request goes out as ``[tag, EMPTY, *body]``. The ROUTER it reaches (a producer
 service's ingress or the broker's frontend) echoes everything before the delimiter in front of
@@ -28,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import zmq
@@ -48,7 +48,11 @@ from zmqlab.producer import (
 )
 from zmqlab.protocol import Command
 
-_HELLO = "hello"
+
+class _Sent(Enum):
+    """What a tag names besides a PUT request (``_Request``)."""
+
+    HELLO = "hello"
 
 
 @dataclass(slots=True)
@@ -112,7 +116,7 @@ class PipelinedProducer:
         self._index = 0
         self._tried: list[str] = []
         self._requests: list[_Request] = []
-        self._by_tag: dict[bytes, _Request | str] = {}
+        self._by_tag: dict[bytes, _Request | _Sent] = {}
         self._next_tag = 0
         self.socket: zmq.Socket[Any] | None = None
         self._connect()
@@ -175,7 +179,7 @@ class PipelinedProducer:
             except ProtocolError as exc:
                 reply = proto.Message(Command.ERR, {"code": exc.code, "reason": f"garbled "
                                                     f"answer: {exc.reason}"})
-            if isinstance(request, str):  # the answer to a HELLO
+            if request is _Sent.HELLO:
                 if reply.command is Command.WELCOME:
                     self.partitions = reply.header.get("partitions")
                 continue  # a refused HELLO shows up as NOT_REGISTERED answers to the PUTs
@@ -236,7 +240,7 @@ class PipelinedProducer:
         """Register; not waited for: PUTs queue behind it on the connection, which keeps
         order, and one sent before the answer is simply resent if refused NOT_REGISTERED."""
         tag = self._tag()
-        self._by_tag[tag] = _HELLO
+        self._by_tag[tag] = _Sent.HELLO
         self._write(proto.envelope((tag,), proto.encode_hello_producer(self.name)))
 
     def _write(self, frames: list[bytes]) -> None:
@@ -256,7 +260,7 @@ class PipelinedProducer:
 
     def _answered(self, request: _Request, reply: proto.Message, now: float,
                   done: list[Completion]) -> None:
-        if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
+        if reply.command is Command.ERR and proto.error_of(reply)[0] == ErrorCode.NOT_REGISTERED:
             # The broker restarted or forgot us: HELLO again, then the same PUT (a try).
             self._hello()
             request.tag, request.due = None, now  # the next tick resends it, as a try
@@ -267,7 +271,7 @@ class PipelinedProducer:
         try:
             failed = apply_put_reply(reply, request.todo, outcome)
         except ZmqlabError as exc:  # an answer that is no answer to a PUT
-            code = str(getattr(exc, "code", ErrorCode.BAD_MESSAGE.value))
+            code = str(getattr(exc, "code", ErrorCode.BAD_MESSAGE))
             failed = [(i, code, str(exc), False) for i in request.todo]
         self.stats["duplicates"] += len(outcome.dups) - dups_before
         retry = settle_refused(failed, request.records, outcome,
@@ -307,7 +311,7 @@ class PipelinedProducer:
                             f"tries of {self.timeout_ms} ms each)")
         for request in list(self._requests):
             request.outcome.refusals.extend(
-                Refusal(request.records[i].id, ErrorCode.UNAVAILABLE.value, self.unavailable,
+                Refusal(request.records[i].id, ErrorCode.UNAVAILABLE, self.unavailable,
                         True) for i in request.todo)
             self._finish(request, now, done)
         self.close()

@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -40,14 +41,24 @@ from zmqlab.errors import (
     Refused,
     ReplyError,
 )
-from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames, serve_requests
+from zmqlab.node import (
+    NOBLOCK,
+    Handler,
+    Node,
+    bind,
+    new_socket,
+    recv_frames,
+    send_frames,
+    serve_requests,
+)
 from zmqlab.protocol import Command
 
 
 class OutRecord(NamedTuple):
     """A record ready to send: its payload is encoded JSON, its id fixed for retries.
 
-    (NamedTuples, like Ack: made once per record, they cost a third of a frozen dataclass.)
+    (Micro-optimization: NamedTuples, like Ack, because one is made per record and a
+    NamedTuple is cheaper to build than a frozen dataclass.)
     """
 
     payload: bytes
@@ -169,7 +180,7 @@ def apply_put_reply(reply: proto.Message, todo: Sequence[int], outcome: PutOutco
         code, reason, retryable = proto.error_of(reply)
         return [(i, code, reason, retryable) for i in todo]
     if reply.command is not Command.ACK:
-        raise BrokerRejected(ErrorCode.BAD_MESSAGE.value,
+        raise BrokerRejected(ErrorCode.BAD_MESSAGE,
                              f"unexpected reply {reply.command.name} to PUT")
     header = reply.header
     for index, count, partition, first in header.get("acks", []):
@@ -258,7 +269,8 @@ class Producer:
             reply = self._exchange(frames)
             if reply is None:
                 continue
-            if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
+            if (reply.command is Command.ERR
+                    and proto.error_of(reply)[0] == ErrorCode.NOT_REGISTERED):
                 self._registered = False  # the broker restarted or forgot us: HELLO again
                 continue
             return reply
@@ -287,7 +299,7 @@ class Producer:
                   sleep: Callable[[float], None] = time.sleep) -> PutOutcome:
         """``send_batch`` without an object per record: where each run of records went, and
         the refusals. For callers that send many records and need only counts (the load
-        generator): an Ack per record cost more than the rest of its bookkeeping."""
+        generator), because building an Ack per record is the costly part of the bookkeeping."""
         deadline = time.monotonic() + self.deadline_s
         outcome = PutOutcome()
         todo = list(range(len(records)))
@@ -334,16 +346,30 @@ class _InFlight:
     tries: int = 0
 
 
+class Awaiting(Enum):
+    """What the upstream REQ socket waits for; REQ is lockstep, so this names the next reply.
+    The value is how log lines call it."""
+
+    HELLO = "hello"
+    PUT = "put"
+    HEARTBEAT = "heartbeat"
+
+
 @dataclass
 class _Upstream:
-    """The REQ conversation with the broker: what we wait for, since when."""
+    """The REQ conversation with the broker: what we wait for (None: nothing), since when."""
 
-    awaiting: str | None = None  # "hello", "put", "heartbeat"
+    awaiting: Awaiting | None = None
     sent_at: float = 0.0
     registered: bool = False
     batch: _InFlight | None = None
     pending: deque[_ClientPut] = field(default_factory=deque)
     pending_records: int = 0
+
+
+# ``handler(reply, frames, ingress)``: the broker's decoded reply, its frames (forwarded as
+# they came) and the ingress to answer clients on.
+UpstreamHandler = Callable[[proto.Message, list[bytes], zmq.Socket[Any] | None], None]
 
 
 class ProducerService(Node):
@@ -362,6 +388,20 @@ class ProducerService(Node):
                       "unavailable": 0}
         self._req: zmq.Socket[Any] | None = None
         self._last_reply = 0.0
+        # One dispatch table per socket: client requests by command, broker replies by what
+        # the REQ socket was waiting for.
+        self._client_handlers: dict[Command, Handler] = {
+            Command.PUT: self._handle_put,
+            Command.HELLO: self._handle_hello,
+            Command.STATS: self._handle_stats,
+            Command.HEARTBEAT: self._handle_echo,
+            Command.BYE: self._handle_echo,
+        }
+        self._upstream_handlers: dict[Awaiting, UpstreamHandler] = {
+            Awaiting.HELLO: self._handle_welcome,
+            Awaiting.PUT: self._handle_put_reply,
+            Awaiting.HEARTBEAT: self._handle_heartbeat_reply,
+        }
 
     def serve(self, control: zmq.Socket[Any]) -> None:
         ingress = None
@@ -386,14 +426,14 @@ class ProducerService(Node):
         self._req = new_socket(self.context, zmq.REQ)
         self._req.connect(self.config.broker)
         self.up.registered = False
-        self._upstream(proto.encode_hello_producer(self.config.name), "hello")
+        self._upstream(proto.encode_hello_producer(self.config.name), Awaiting.HELLO)
 
-    def _upstream(self, frames: list[bytes], awaiting: str) -> None:
+    def _upstream(self, frames: list[bytes], awaiting: Awaiting) -> None:
         assert self._req is not None
         try:
             send_frames(self._req, frames, NOBLOCK)
         except zmq.Again:  # no broker connection at all: the reply timeout reconnects us
-            self.log.debug("broker not connected; %s not sent", awaiting)
+            self.log.debug("broker not connected; %s not sent", awaiting.value)
         self.up.awaiting = awaiting
         self.up.sent_at = self.clock()
 
@@ -410,42 +450,44 @@ class ProducerService(Node):
             if control in events:
                 return
             if ingress is not None and ingress in events:
-                serve_requests(ingress, self._client_message)
+                serve_requests(ingress, self._client_handlers, log=self.log,
+                               unknown="{command} is not a client command")
             if self._req is not None and self._req in events:
                 reply = recv_frames(self._req)
                 self._handle_upstream(reply, ingress)
             self._tick(self.clock(), ingress)
 
     # -- clients -----------------------------------------------------------------------------
-    def _client_message(self, route: list[bytes], message: proto.Message) -> list[bytes] | None:
-        command = message.command
-        if command is Command.PUT:
-            # The broker checks every record (a bad part spoils only that client's part);
-            # here only what forwarding the part needs: its size and its one payload frame.
-            count = len(proto.require(message.header, "ids", list))
-            if len(message.payloads) != 1:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "a PUT carries one payload frame "
-                                    f"(the records back to back), got {len(message.payloads)}")
-            if not count:
-                return proto.encode(Command.ACK, {"acks": [], "dups": [], "errors": []})
-            backlog = self.up.pending_records
-            if backlog + count > self.config.max_pending:
-                raise Refused(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
-                                    f"holds {backlog} records for the broker; retry later")
-            self.stats["received"] += count
-            self.up.pending.append(_ClientPut(route, count, message.raw_header,
-                                              message.payloads[0]))
-            self.up.pending_records += count
-            return None  # answered when the broker acknowledges
-        if command is Command.HELLO:
-            return proto.encode(Command.WELCOME, {"name": self.config.name,
-                                                  "partitions": self.partitions,
-                                                  "broker": self.up.registered})
-        if command is Command.STATS:
-            return proto.encode(Command.STATS, self.snapshot())
-        if command in (Command.HEARTBEAT, Command.BYE):
-            return proto.encode(command)
-        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"{command.name} is not a client command")
+    def _handle_put(self, route: list[bytes], message: proto.Message) -> list[bytes] | None:
+        # The broker checks every record (a bad part spoils only that client's part); here
+        # only what forwarding the part needs: its size and its one payload frame.
+        count = len(proto.require(message.header, "ids", list))
+        if len(message.payloads) != 1:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a PUT carries one payload frame "
+                                f"(the records back to back), got {len(message.payloads)}")
+        if not count:
+            return proto.encode(Command.ACK, {"acks": [], "dups": [], "errors": []})
+        backlog = self.up.pending_records
+        if backlog + count > self.config.max_pending:
+            raise Refused(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
+                          f"holds {backlog} records for the broker; retry later")
+        self.stats["received"] += count
+        self.up.pending.append(_ClientPut(route, count, message.raw_header,
+                                          message.payloads[0]))
+        self.up.pending_records += count
+        return None  # answered when the broker acknowledges
+
+    def _handle_hello(self, _route: list[bytes], _message: proto.Message) -> list[bytes]:
+        return proto.encode(Command.WELCOME, {"name": self.config.name,
+                                              "partitions": self.partitions,
+                                              "broker": self.up.registered})
+
+    def _handle_stats(self, _route: list[bytes], _message: proto.Message) -> list[bytes]:
+        return proto.encode(Command.STATS, self.snapshot())
+
+    def _handle_echo(self, _route: list[bytes], message: proto.Message) -> list[bytes]:
+        """HEARTBEAT and BYE: answered with themselves (a REQ client needs a reply)."""
+        return proto.encode(message.command)
 
     # -- upstream ------------------------------------------------------------------------------
     def _handle_upstream(self, frames: list[bytes], ingress: zmq.Socket[Any] | None) -> None:
@@ -455,20 +497,32 @@ class ProducerService(Node):
             reply = proto.decode(frames)
         except ReplyError as exc:
             reply = proto.Message(Command.ERR, {"code": exc.code, "reason": exc.reason})
-        if reply.command is Command.ERR and proto.error_of(reply)[0] == "NOT_REGISTERED":
+        if (reply.command is Command.ERR
+                and proto.error_of(reply)[0] == ErrorCode.NOT_REGISTERED):
             self.up.registered = False
-            self._upstream(proto.encode_hello_producer(self.config.name), "hello")
+            self._upstream(proto.encode_hello_producer(self.config.name), Awaiting.HELLO)
             return
-        if awaiting == "hello":
-            if reply.command is Command.WELCOME:
-                self.up.registered = True
-                self.partitions = reply.header.get("partitions")
-                self.log.info("producer %s registered with broker", self.config.name)
-            else:
-                self.log.warning("broker refused registration: %s", reply.header)
-        elif awaiting == "put" and self.up.batch is not None:
+        if awaiting is not None:
+            self._upstream_handlers[awaiting](reply, frames, ingress)
+
+    def _handle_welcome(self, reply: proto.Message, _frames: list[bytes],
+                        _ingress: zmq.Socket[Any] | None) -> None:
+        if reply.command is Command.WELCOME:
+            self.up.registered = True
+            self.partitions = reply.header.get("partitions")
+            self.log.info("producer %s registered with broker", self.config.name)
+        else:
+            self.log.warning("broker refused registration: %s", reply.header)
+
+    def _handle_put_reply(self, reply: proto.Message, frames: list[bytes],
+                          ingress: zmq.Socket[Any] | None) -> None:
+        if self.up.batch is not None:
             batch, self.up.batch = self.up.batch, None
             self._answer(batch, reply, ingress, frames)
+
+    def _handle_heartbeat_reply(self, _reply: proto.Message, _frames: list[bytes],
+                                _ingress: zmq.Socket[Any] | None) -> None:
+        """Nothing to do: hearing from the broker is what a heartbeat asks for."""
 
     def _answer(self, batch: _InFlight, reply: proto.Message,
                 ingress: zmq.Socket[Any] | None, frames: list[bytes] | None = None) -> None:
@@ -505,14 +559,14 @@ class ProducerService(Node):
             if now - up.sent_at < self.config.timeout_ms / 1000:
                 return
             self.stats["reconnects"] += 1
-            self.log.warning("broker did not answer %s within %d ms: reconnecting", up.awaiting,
-                             self.config.timeout_ms)
+            self.log.warning("broker did not answer %s within %d ms: reconnecting",
+                             up.awaiting.value, self.config.timeout_ms)
             if up.batch is not None:
                 up.batch.tries += 1
                 if up.batch.tries > self.config.retries:
                     self.stats["unavailable"] += sum(p.count for p in up.batch.puts)
                     unavailable = proto.Message(Command.ERR, {
-                        "code": ErrorCode.UNAVAILABLE.value,
+                        "code": ErrorCode.UNAVAILABLE,
                         "reason": f"broker {self.config.broker} did not answer "
                                   f"{self.config.retries + 1} tries"})
                     batch, up.batch = up.batch, None
@@ -524,11 +578,11 @@ class ProducerService(Node):
                 self._connect()
             return
         if up.batch is not None:  # resend after a reconnect; ids make it idempotent
-            self._upstream(up.batch.frames, "put")
+            self._upstream(up.batch.frames, Awaiting.PUT)
         elif up.pending:
             self._send_batch()
         elif now - max(up.sent_at, self._last_reply) >= self.config.heartbeat_ms / 1000:
-            self._upstream(proto.encode(Command.HEARTBEAT), "heartbeat")
+            self._upstream(proto.encode(Command.HEARTBEAT), Awaiting.HEARTBEAT)
 
     def _send_batch(self) -> None:
         up = self.up
@@ -544,7 +598,7 @@ class ProducerService(Node):
                                                                                put.blob)])
         up.batch = _InFlight(taken, frames)
         self.stats["batches"] += 1
-        self._upstream(frames, "put")
+        self._upstream(frames, Awaiting.PUT)
 
     def snapshot(self) -> dict[str, Any]:
         batch = self.up.batch

@@ -312,10 +312,9 @@ class Sink:
         dialect = engine.dialect.name
         insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
         self._insert_dead = insert(DEAD_LETTERS).on_conflict_do_nothing(index_elements=["id"])
-        # The hot path goes to the driver's executemany with one prepared single-row statement:
-        # SQLAlchemy's multi-row VALUES with RETURNING cost ~74 µs a record on psycopg (it
-        # re-parses a statement with thousands of placeholders) and ~10 µs on SQLite; this
-        # costs ~9 µs and ~4 µs, and the driver's rowcount still tells inserted from duplicate.
+        # The hot path goes to the driver's executemany with one prepared single-row statement,
+        # because SQLAlchemy's multi-row VALUES with RETURNING re-parses a statement with
+        # thousands of placeholders; the driver's rowcount still tells inserted from duplicate.
         preparer = engine.dialect.identifier_preparer
         self._marker = marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         self._table = preparer.format_table(RECORDS)
@@ -330,10 +329,9 @@ class Sink:
         self._uncheckpointed = 0  # rows this sink wrote since its last checkpoint
         if self._writers.shared:
             # SQLite checkpoints the WAL inside the COMMIT that crosses 1,000 pages, with an
-            # fsync of the database file: 12 ms every ~10,000 rows, inside the writer's turn,
-            # while every other consumer waited. The sink checkpoints itself instead, after
-            # giving the turn back, so the others write meanwhile (a PASSIVE checkpoint never
-            # blocks a writer): SQLite throughput +10 % in the benchmark, both paths.
+            # fsync of the database file, inside the writer's turn, while every other consumer
+            # waits. The sink checkpoints itself instead, after giving the turn back, so the
+            # others write meanwhile (a PASSIVE checkpoint never blocks a writer).
             event.listen(engine, "connect", _no_auto_checkpoint)
             engine.dispose()  # connections made before the listener reconnect with it
             self._writers.on_release = self._checkpoint_if_due
@@ -418,7 +416,7 @@ class Sink:
 
         A columnar batch becomes rows in one ``zip`` (no Python bytecode per record); a batch of
         deliveries in one comprehension. Each distinct creation time is formatted once (a
-        client's batch shares one): formatting was a third of a consumer's Python time."""
+        client's batch shares one), because formatting a time is costly per record."""
         limit, consumer = self.max_attempts, self.consumer
         when = self._when
         records = outcome.batch.records
@@ -456,7 +454,7 @@ class Sink:
         return outcome, kept, rows
 
     def _insert(self, conn: Any, groups: list[_Rows]) -> None:
-        """Every batch's rows in one ``executemany``: a call costs ~100 µs of SQLAlchemy and
+        """Every batch's rows in one ``executemany``: each call has a fixed SQLAlchemy and
         driver overhead (a pipeline sync on psycopg), and a transaction holds several batches
         (a consumer's partitions, several messages). The rowcount tells how many were new;
         only when some were not does a lookup tell which batch they belonged to."""
@@ -615,9 +613,9 @@ def _utc_second(second: int) -> str:
 def _sqlite_datetime(timestamp: float) -> str:
     """The text SQLAlchemy's SQLite DateTime type stores (and parses back) for a Unix time.
 
-    ``strftime`` on a datetime cost a quarter of a consumer's CPU (two calls per record); the
-    records of a batch share their second, so the date and time part comes from a cache and
-    only the microseconds are formatted (rounded half-even, as ``datetime.fromtimestamp``)."""
+    Micro-optimization: ``strftime`` on a datetime per record is costly, and the records of
+    a batch share their second, so the date and time part comes from a cache and only the
+    microseconds are formatted (rounded half-even, as ``datetime.fromtimestamp``)."""
     second = math.floor(timestamp)
     micros = round((timestamp - second) * 1_000_000)
     if micros == 1_000_000:
