@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from zmqlab.errors import ZmqlabError
+from zmqlab.render import partitions_of, producers_title
 from zmqlab.topology import query_status
 
 
@@ -76,12 +77,6 @@ def _per_s(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}/s"
 
 
-def producers_title(snap: dict[str, Any]) -> str:
-    """The producers table's title; says when PUTs are parked, waiting for room in the queue."""
-    waiting = snap.get("waiting_puts", 0)
-    return "producers" + (f" — {waiting} PUT(s) waiting for room" if waiting else "")
-
-
 def _depth_bar(depth: int, capacity: int) -> Table:
     grid = Table.grid(padding=(0, 1))
     grid.add_row(ProgressBar(total=max(capacity, 1), completed=depth, width=20),
@@ -119,8 +114,8 @@ def render(snap: dict[str, Any] | None, rates: Rates, broker: str,
     for column in ("consumer", "partitions", "in flight", "credit", "acked", "last heartbeat"):
         consumers.add_column(column)
     for c in snap["consumers"]:
-        consumers.add_row(c["name"], " ".join(f"Q{p + 1}" for p in c["partitions"]) or "-",
-                          str(c["inflight"]), str(c.get("credit", "-")),
+        consumers.add_row(c["name"], partitions_of(c), str(c["inflight"]),
+                          str(c.get("credit", "-")),
                           _per_s(rates.consumer_acked.get(c["name"])),
                           f"{c['last_seen_s']:.1f} s ago")
     producers = Table(title=producers_title(snap), style=style, title_justify="left")

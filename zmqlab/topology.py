@@ -1,8 +1,8 @@
 """Start, watch and stop a whole topology as separate processes (``zmqlab up``, tests, demo).
 
 Children run in their own sessions so that only this supervisor signals them, in order:
-producers first (no new records), then consumers (they finish and ACK what they hold), then
-the broker.
+producers first (no new records), then the broker (it drains what it holds to the consumers,
+for at most its drain timeout), then consumers (they finish and ACK what they hold).
 """
 
 from __future__ import annotations

@@ -1,0 +1,153 @@
+"""``broker``, ``producer``, ``consumer`` and ``up``: run nodes in this process until a signal.
+
+Each node's module is imported inside its command, so ``zmqlab broker`` and ``zmqlab producer``
+never load the consumer's SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from zmqlab.cli._common import (
+    DbUrl,
+    HeartbeatMs,
+    Liveness,
+    LogJson,
+    LogLevel,
+    build,
+    fail,
+    failing,
+    out,
+    setup_logs,
+)
+from zmqlab.config import (
+    DEFAULT_BACKEND,
+    DEFAULT_DB_URL,
+    DEFAULT_FRONTEND,
+    REPLY_TIMEOUT_MS,
+    BrokerConfig,
+    ConsumerConfig,
+    ProducerConfig,
+)
+
+
+def broker(
+    frontend: Annotated[str, typer.Option(help="Producers' endpoint (ROUTER bind).")] = DEFAULT_FRONTEND,
+    backend: Annotated[str, typer.Option(help="Consumers' endpoint (ROUTER bind).")] = DEFAULT_BACKEND,
+    partitions: Annotated[int, typer.Option(min=1, help="Number of partitions.")] = 6,
+    capacity: Annotated[int, typer.Option(min=1, help="Records each partition holds.")] = 10_000,
+    expect_producers: Annotated[int, typer.Option(min=0, help="Refuse records until this many producers registered.")] = 0,
+    expect_consumers: Annotated[int, typer.Option(min=0, help="Refuse records until this many consumers registered.")] = 0,
+    put_wait_ms: Annotated[int, typer.Option(min=0, help="How long a PUT that does not fit waits for room before its records are refused PARTITION_FULL (0: refuse at once). Keep it under the producers' --timeout-ms.")] = 500,
+    heartbeat_ms: HeartbeatMs = 1000,
+    liveness: Liveness = 3,
+    log_level: LogLevel = "info",
+    log_json: LogJson = False,
+) -> None:
+    """Run the queue service (the broker)."""
+    from zmqlab.broker import Broker
+    from zmqlab.runner import run_node
+
+    setup_logs(log_level, log_json)
+    config = build(BrokerConfig, frontend=frontend, backend=backend, partitions=partitions,
+                   capacity=capacity, expect_producers=expect_producers,
+                   expect_consumers=expect_consumers, put_wait_ms=put_wait_ms,
+                   heartbeat_ms=heartbeat_ms, liveness=liveness)
+    with failing():
+        run_node(Broker(config))
+
+
+def producer(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Ingress port for clients.")] = 8080,
+    host: Annotated[str, typer.Option(help="Interface to bind the ingress on.")] = "*",
+    broker: Annotated[str, typer.Option(help="The broker's frontend.")] = "tcp://127.0.0.1:5555",
+    name: Annotated[str | None, typer.Option(help="Producer name (default: the port).")] = None,
+    timeout_ms: Annotated[int, typer.Option(min=10, help="Broker reply timeout.")] = REPLY_TIMEOUT_MS,
+    retries: Annotated[int, typer.Option(min=0, help="Reconnects before clients get UNAVAILABLE.")] = 3,
+    heartbeat_ms: HeartbeatMs = 1000,
+    log_level: LogLevel = "info",
+    log_json: LogJson = False,
+) -> None:
+    """Run a producer service: clients PUT records on its port, it forwards them in batches."""
+    from zmqlab.producer import ProducerService
+    from zmqlab.runner import run_node
+
+    setup_logs(log_level, log_json)
+    config = build(ProducerConfig, name=name or str(port), broker=broker,
+                   ingress=f"tcp://{host}:{port}", timeout_ms=timeout_ms, retries=retries,
+                   heartbeat_ms=heartbeat_ms)
+    with failing():
+        run_node(ProducerService(config))
+
+
+def consumer(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Identity and status port.")] = 9090,
+    host: Annotated[str, typer.Option(help="Interface to bind the status port on.")] = "*",
+    broker: Annotated[str, typer.Option(help="The broker's backend.")] = "tcp://127.0.0.1:5556",
+    db: DbUrl = DEFAULT_DB_URL,
+    credit: Annotated[int, typer.Option(min=1, help="Records this consumer may hold at once.")] = 10_000,
+    max_attempts: Annotated[int, typer.Option(min=1, help="Deliveries before a dead letter.")] = 5,
+    transform: Annotated[str | None, typer.Option(help="package.module:function run on each payload before it is stored; raising fails the record.")] = None,
+    heartbeat_ms: HeartbeatMs = 1000,
+    liveness: Liveness = 3,
+    log_level: LogLevel = "info",
+    log_json: LogJson = False,
+) -> None:
+    """Run a consumer: owns partitions, stores their records in SQL, then acknowledges."""
+    from zmqlab.consumer import Consumer
+    from zmqlab.runner import run_node
+
+    setup_logs(log_level, log_json)
+    config = build(ConsumerConfig, name=str(port), broker=broker, status=f"tcp://{host}:{port}",
+                   db_url=db, credit=credit, max_attempts=max_attempts, transform=transform,
+                   heartbeat_ms=heartbeat_ms, liveness=liveness)
+    node = build(Consumer, config)  # checks the database URL and the transform: bad options
+    with failing():
+        run_node(node)
+
+
+def up(
+    producers: Annotated[int, typer.Option(min=0, help="Producer services.")] = 3,
+    producer_port: Annotated[int, typer.Option(min=1, max=65535, help="First producer port.")] = 8080,
+    consumers: Annotated[int, typer.Option(min=0, help="Consumers.")] = 3,
+    consumer_port: Annotated[int, typer.Option(min=1, max=65535, help="First consumer port.")] = 9090,
+    partitions: Annotated[int, typer.Option(min=1)] = 6,
+    capacity: Annotated[int, typer.Option(min=1)] = 10_000,
+    frontend_port: Annotated[int, typer.Option(min=1, max=65535)] = 5555,
+    backend_port: Annotated[int, typer.Option(min=1, max=65535)] = 5556,
+    host: Annotated[str, typer.Option(help="Address every node binds and connects on.")] = "127.0.0.1",
+    db: DbUrl = DEFAULT_DB_URL,
+    heartbeat_ms: HeartbeatMs = 1000,
+    log_level: LogLevel = "info",
+    log_json: LogJson = False,
+) -> None:
+    """Start the seed topology (broker, producers, consumers) as processes until Ctrl-C."""
+    from zmqlab.runner import run_supervisor
+    from zmqlab.topology import Supervisor, Topology
+
+    setup_logs(log_level, log_json)
+    topology = Topology(host=host, frontend_port=frontend_port, backend_port=backend_port,
+                        producers=producers, producer_port=producer_port, consumers=consumers,
+                        consumer_port=consumer_port, partitions=partitions, capacity=capacity,
+                        db_url=db, heartbeat_ms=heartbeat_ms, log_level=log_level,
+                        log_json=log_json)
+
+    def ready() -> None:
+        out.print(f"broker    frontend {topology.frontend}  backend {topology.backend}  "
+                  f"partitions {partitions}", highlight=False)
+        for endpoint in topology.producer_endpoints():
+            out.print(f"producer  {endpoint}", highlight=False)
+        for endpoint in topology.consumer_endpoints():
+            out.print(f"consumer  {endpoint}  -> {db}", highlight=False)
+        out.print("ready: zmqlab send '{\"hello\": \"world\"}'  |  zmqlab status  |  Ctrl-C stops",
+                  highlight=False)
+        sys.stdout.flush()
+
+    with failing():
+        codes, failure = run_supervisor(Supervisor(topology), on_ready=ready)
+    out.print("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()), highlight=False)
+    if failure:
+        fail(failure)

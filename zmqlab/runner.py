@@ -1,0 +1,129 @@
+"""Run something in this process until SIGINT or SIGTERM: a node, a topology, a load.
+
+A signal must never leave a started thing running, and the one rule depends on who holds the
+main thread:
+
+- a node or a supervised topology runs on other threads or processes, so a signal only sets a
+  flag (``run_until_signal``): the main thread sees it at the next tick and stops what it
+  started, once;
+- a load, the demo or the dashboard blocks the main thread, so SIGTERM raises
+  KeyboardInterrupt like Ctrl-C (``sigterm_as_interrupt``) and ``finally`` blocks stop what was
+  started; while they stop, ``signals_ignored`` keeps a second signal from cutting that short.
+
+Handlers are changed only on the main thread (the only one Python lets set them; elsewhere these
+helpers change nothing) and the previous ones come back when the block ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING, TypeVar
+
+from zmqlab.errors import ZmqlabError
+from zmqlab.node import Node, tune_gc
+
+if TYPE_CHECKING:
+    from zmqlab.topology import Supervisor
+
+T = TypeVar("T")
+Handler = Callable[[int, FrameType | None], object] | signal.Handlers
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _handling(handler: Handler, *signals: signal.Signals) -> Iterator[None]:
+    """``handler`` for ``signals`` until the block ends, then the previous handlers again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            if old is not None:  # None: installed outside Python, nothing to put back
+                signal.signal(sig, old)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C, so ``finally`` blocks stop what was started."""
+    return _handling(_interrupt, signal.SIGTERM)
+
+
+def signals_ignored() -> AbstractContextManager[None]:
+    """Ignore SIGINT and SIGTERM while stopping, so a second one cannot leave children running."""
+    return _handling(signal.SIG_IGN, *STOP_SIGNALS)
+
+
+def run_until_signal(start: Callable[[], None], running: Callable[[], bool],
+                     stop: Callable[[], T], tick_s: float) -> T:
+    """``start()``, poll ``running()`` every ``tick_s`` until it is false or SIGINT/SIGTERM
+    arrives, then return ``stop()``.
+
+    The signals only set a flag, so ``stop`` runs once, on this thread, and a second signal
+    while it runs changes nothing; it also runs when ``running`` raises. A ``start`` that
+    raises propagates without ``stop``: it undoes what it began.
+    """
+    stopping = threading.Event()
+    with _handling(lambda *_: stopping.set(), *STOP_SIGNALS):
+        start()
+        try:
+            while running() and not stopping.wait(tick_s):
+                pass
+        finally:
+            result = stop()
+    return result
+
+
+def run_node(node: Node, tick_s: float = 0.25) -> None:
+    """Run one node until SIGINT/SIGTERM or until its thread ends, then stop it gracefully.
+
+    Raises ZmqlabError when the node cannot start, or ``"<kind> failed: <error>"`` when it died
+    of an error. Tunes the GC (``node.tune_gc``): the node owns this process.
+    """
+
+    def start() -> None:
+        tune_gc()
+        node.start()
+
+    run_until_signal(start, lambda: node.alive, node.stop, tick_s)
+    if node.error is not None:
+        raise ZmqlabError(f"{node.kind} failed: {node.error}")
+
+
+def run_supervisor(supervisor: Supervisor, on_ready: Callable[[], None] = lambda: None,
+              tick_s: float = 0.5) -> tuple[dict[str, int], str | None]:
+    """Start a topology, call ``on_ready``, run it until SIGINT/SIGTERM or until a node exits,
+    then stop every node.
+
+    Returns each node's exit code and why it ended early (None when a signal ended it). Raises
+    ZmqlabError when it cannot start, with what it started already stopped.
+    """
+    failures: list[str] = []
+
+    def start() -> None:
+        supervisor.start()
+        try:
+            on_ready()
+        except BaseException:
+            supervisor.stop()
+            raise
+
+    def running() -> bool:
+        try:
+            supervisor.check_alive()
+        except ZmqlabError as exc:
+            failures.append(str(exc))
+            return False
+        return True
+
+    codes = run_until_signal(start, running, supervisor.stop, tick_s)
+    return codes, failures[0] if failures else None
