@@ -7,7 +7,9 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -233,8 +235,8 @@ class Clock:
 def new_broker(**options: Any) -> tuple[Broker, Clock]:
     """A broker on fake time (``clock.now``), driven through its handlers: no sockets."""
     clock = Clock()
-    config = BrokerConfig(frontend="inproc://f", backend="inproc://b", heartbeat_ms=1000,
-                          liveness=3, **options)
+    options = {"heartbeat_ms": 1000, "liveness": 3, **options}
+    config = BrokerConfig(frontend="inproc://f", backend="inproc://b", **options)
     return Broker(config, clock=clock), clock
 
 
@@ -249,16 +251,51 @@ def producer_says(broker: Broker, command: Command, header: dict[str, Any] | Non
     return proto.decode(frames[2:])
 
 
+@dataclass
+class ConsumerPeer:
+    """What a consumer knows of its session: the token, its own count, the broker's last."""
+
+    session: str | None = None
+    seq: int = 0
+    seen: int = 0
+
+
+_PEERS: weakref.WeakKeyDictionary[Broker, dict[str, ConsumerPeer]] = weakref.WeakKeyDictionary()
+
+
+def peer(broker: Broker, name: str) -> ConsumerPeer:
+    return _PEERS.setdefault(broker, {}).setdefault(name, ConsumerPeer())
+
+
 def consumer_says(broker: Broker, name: str, command: Command,
-                  header: dict[str, Any] | None = None) -> list[proto.Message]:
+                  header: dict[str, Any] | None = None, *,
+                  as_is: bool = False) -> list[proto.Message]:
+    """Consumer ``name`` sends ``command``; what the broker then has for it, delivered.
+
+    Like a real consumer it puts its session, its next ``seq`` and the last broker ``seq`` it
+    saw in every message after HELLO; ``as_is`` sends the header untouched."""
+    header = dict(header or {})
+    me = peer(broker, name)
+    if command is not Command.HELLO and not as_is and me.session is not None:
+        me.seq += 1
+        header.update(session=me.session, seq=me.seq, seen=me.seen)
     broker.handle_backend([name.encode(), b"", *proto.encode(command, header)], broker.clock())
     return to(broker, name)
 
 
 def to(broker: Broker, name: str) -> list[proto.Message]:
-    """Messages the broker queued for consumer ``name`` (after delivering), removed."""
+    """Messages the broker queued for consumer ``name`` (after delivering), removed; a
+    WELCOME starts the consumer's session, numbered messages of it count as seen."""
     broker.deliver(broker.clock())
-    return _take(broker, Side.BACKEND, name.encode())
+    messages = _take(broker, Side.BACKEND, name.encode())
+    me = peer(broker, name)
+    for message in messages:
+        if message.command is Command.WELCOME:
+            me.session, me.seq, me.seen = message.header["session"], 0, 0
+        elif message.header.get("session") == me.session and \
+                message.header.get("seq") == me.seen + 1:  # after a gap it sees no further
+            me.seen += 1
+    return messages
 
 
 def _take(broker: Broker, side: Side, identity: bytes) -> list[proto.Message]:
@@ -324,9 +361,10 @@ def replies_to(broker: Broker, who: bytes) -> list[proto.Message]:
     return _take(broker, Side.FRONTEND, who)
 
 
-def put_parked(broker: Broker, *payloads: bytes, who: bytes = b"req-1") -> None:
+def put_parked(broker: Broker, *payloads: bytes, who: bytes = b"req-1",
+               key: str | None = None) -> None:
     ids = [f"{who.decode()}-{i}-{broker.counters['waited']}" for i in range(len(payloads))]
-    metas = [[i, None, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
+    metas = [[i, key, 1_000_000, len(p)] for i, p in zip(ids, payloads, strict=True)]
     broker.handle_frontend([who, b"", *proto.encode(Command.PUT, columns(metas),
                                                      proto.join_payloads(list(payloads)))],
                            broker.clock())

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import zmq
-from helpers import Fabric, hello, put, recv, stored_rows, wait_until
+from helpers import Fabric, consumer_says, hello, put, recv, stored_rows, to, wait_until
 
 from zmqlab import protocol as proto
 from zmqlab.deadletters import list_dead, replay
@@ -278,14 +278,14 @@ def test_consumers_and_producer_services_register_again_after_a_broker_restart(c
 def test_the_dedupe_window_is_bounded(make_broker):
     broker, _ = make_broker(partitions=1, dedupe_window=2)
     hello(broker)
-    broker.handle_backend([b"9090", b"", *proto.encode(Command.HELLO, {})], 0)
-    broker.handle_backend([b"9090", b"", *proto.encode(Command.FETCH, {"credit": 10})], 0)
+    consumer_says(broker, "9090", Command.HELLO)
+    consumer_says(broker, "9090", Command.FETCH, {"credit": 10})
     put(broker, b"{}", b"{}", b"{}", b"{}", ids=["a", "b", "c", "d"])
-    broker.deliver(0)
+    to(broker, "9090")
     epoch = broker.partitions[0].epoch
     for first in (0, 2):  # two ACKs of two: each fills a generation of the window
-        broker.handle_backend([b"9090", b"", *proto.encode(Command.ACK, {"acks": [
-            {"partition": 0, "epoch": epoch, "offsets": [[first, 2]]}]})], 0)
+        consumer_says(broker, "9090", Command.ACK, {"acks": [
+            {"partition": 0, "epoch": epoch, "offsets": [[first, 2]]}]})
     assert not broker.dedupe.held
     assert broker.dedupe.remembered <= 2 * 2
     assert put(broker, b"{}", ids=["c"]).header["dups"] == [[0, 0, 2]]

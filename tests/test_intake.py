@@ -53,8 +53,8 @@ def test_a_retry_is_answered_with_the_first_position_held_or_acknowledged():
     partition = intake.partitions[0]
     partition.want_owner("9090")
     partition.take(10)
-    first, removed = partition.ack("9090", partition.epoch, [0, 1])
-    intake.window.settle(0, first, removed)
+    settled = partition.ack("9090", partition.epoch, [[0, 2]])
+    intake.window.settle(0, settled.first, settled.ids)
     once_more = intake.store(*part(["a"]), producer="8080")
     assert once_more.body["dups"] == [[0, 0, 0]] and once_more.stored == 0
 

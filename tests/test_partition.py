@@ -10,6 +10,11 @@ from zmqlab.errors import ReplyError
 from zmqlab.partition import Partition, Taken
 
 
+def runs(offsets: list[int]) -> list[list[int]]:
+    """Offsets as the wire's runs, one per offset (an ACK may name them in any order)."""
+    return [[offset, 1] for offset in offsets]
+
+
 def entry(n: int) -> tuple[str, None, str, int, bytes]:
     return (f"id{n}", None, "8080", 1_700_000_000_000_000 + n, b'{"n":%d}' % n)
 
@@ -45,8 +50,8 @@ def test_ack_removes_and_frees_space():
     p.append(*entry(0))
     p.append(*entry(1))
     p.take(2)
-    removed = p.ack("9090", p.epoch, [0])
-    assert removed == (0, ["id0"])
+    removed = p.ack("9090", p.epoch, runs([0]))
+    assert removed[:2] == (0, ["id0"])
     assert (p.depth, p.inflight) == (1, 1)
     assert p.append(*entry(2)) == 2  # offsets only grow; slot reused
 
@@ -56,9 +61,9 @@ def test_out_of_order_ack_removes_once_the_head_is_acknowledged():
     for i in range(3):
         p.append(*entry(i))
     p.take(3)
-    assert p.ack("9090", p.epoch, [1, 2]) == (0, [])
+    assert p.ack("9090", p.epoch, runs([1, 2]))[:2] == (0, [])
     assert p.depth == 3
-    assert p.ack("9090", p.epoch, [0]) == (0, ["id0", "id1", "id2"])
+    assert p.ack("9090", p.epoch, runs([0]))[:2] == (0, ["id0", "id1", "id2"])
 
 
 @pytest.mark.parametrize("who, epoch_delta, offsets, code", [
@@ -74,7 +79,7 @@ def test_bad_acks_are_refused_and_change_nothing(who, epoch_delta, offsets, code
     p.take(1)
     before = p.snapshot()
     with pytest.raises(ReplyError) as caught:
-        p.ack(who, p.epoch + epoch_delta, offsets)
+        p.ack(who, p.epoch + epoch_delta, runs(offsets))
     assert caught.value.code == code
     assert p.snapshot() == before
 
@@ -84,9 +89,9 @@ def test_double_ack_is_refused():
     p.append(*entry(0))
     p.append(*entry(1))
     p.take(2)
-    p.ack("9090", p.epoch, [1])
+    p.ack("9090", p.epoch, runs([1]))
     with pytest.raises(ReplyError):
-        p.ack("9090", p.epoch, [1])
+        p.ack("9090", p.epoch, runs([1]))
 
 
 def test_release_redelivers_first_in_order_with_attempt_raised():
@@ -107,10 +112,10 @@ def test_handover_waits_for_the_old_owners_acks():
     p.take(1)
     assert not p.want_owner("9091")
     assert p.handing_over and p.owner == "9090" and p.epoch == 1
-    p.ack("9090", 1, [0])  # the old owner finishes: the lease moves now
+    p.ack("9090", 1, runs([0]))  # the old owner finishes: the lease moves now
     assert (p.owner, p.epoch, p.handing_over) == ("9091", 2, False)
     with pytest.raises(ReplyError):
-        p.ack("9090", 1, [0])
+        p.ack("9090", 1, runs([0]))
 
 
 def test_stale_ack_after_a_release_settles_nothing():
@@ -121,9 +126,9 @@ def test_stale_ack_after_a_release_settles_nothing():
     p.owner_gone()
     p.take(1)  # redelivered to 9091 at epoch 2
     with pytest.raises(ReplyError):
-        p.ack("9090", 1, [0])
+        p.ack("9090", 1, runs([0]))
     assert p.depth == 1
-    p.ack("9091", 2, [0])
+    p.ack("9091", 2, runs([0]))
     assert p.depth == 0
 
 
@@ -146,7 +151,7 @@ def test_random_rebalances_never_put_a_record_in_flight_at_two_owners():
             holder = at[min(at)]
             if holder == p.owner:
                 offsets = sorted(o for o, h in at.items() if h == holder)[: rng.randint(1, 3)]
-                p.ack(holder, p.epoch, offsets)
+                p.ack(holder, p.epoch, runs(offsets))
                 for o in offsets:
                     del at[o]
         elif action < 0.85:
@@ -166,7 +171,7 @@ def test_find_locates_a_held_record_across_the_wrap():
     for i in range(3):
         p.append(*entry(i))
     p.take(2)
-    p.ack("9090", p.epoch, [0, 1])
+    p.ack("9090", p.epoch, runs([0, 1]))
     p.append(*entry(3))  # wraps into slot 0
     assert (p.find("id3"), p.find("id2"), p.find("id0")) == (3, 2, None)
 
@@ -177,7 +182,7 @@ def test_ack_refuses_a_repeated_offset():
         p.append(*entry(i))
     p.take(3)
     with pytest.raises(ReplyError):
-        p.ack("9090", p.epoch, [1, 1])
+        p.ack("9090", p.epoch, runs([1, 1]))
     assert p.depth == 3
 
 
@@ -187,7 +192,7 @@ def test_runs_are_stored_and_handed_out_across_the_wrap():
                     [b"{}", b'{"b":1}', b"{}"]) == (0, 3)
     taken = p.take(2)
     assert (taken.offsets, taken.keys, taken.created_us) == ([[0, 2]], [None, "k"], [1, 2])
-    p.ack("9090", p.epoch, [0, 1])
+    p.ack("9090", p.epoch, runs([0, 1]))
     records = [entry(n) for n in range(3, 8)]
     first, stored = p.extend([r[0] for r in records], [r[1] for r in records], "8081",
                              [r[3] for r in records], [r[4] for r in records])
@@ -197,7 +202,8 @@ def test_runs_are_stored_and_handed_out_across_the_wrap():
                            (6, "id6", 1)]
     assert taken.producers == ["8080", "8081", "8081", "8081", "8081"]
     assert taken.payloads[-1] == b'{"n":6}'
-    assert p.ack("9090", p.epoch, [2, 3, 4, 5, 6]) == (2, ["c", "id3", "id4", "id5", "id6"])
+    settled = p.ack("9090", p.epoch, runs([2, 3, 4, 5, 6]))
+    assert (settled.first, settled.ids) == (2, ["c", "id3", "id4", "id5", "id6"])
     assert (p.depth, p.find("id3")) == (0, None)
 
 
@@ -206,7 +212,7 @@ def test_a_redelivery_skips_records_acknowledged_out_of_order():
     for i in range(4):
         p.append(*entry(i))
     p.take(4)
-    p.ack("9090", p.epoch, [1, 3])
+    p.ack("9090", p.epoch, runs([1, 3]))
     p.want_owner("9091")
     p.owner_gone()
     taken = p.take(10)

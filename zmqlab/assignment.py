@@ -13,8 +13,13 @@ from zmqlab.errors import ConfigError
 
 
 def consumer_order(consumer: str) -> tuple[int, int, str]:
-    """Sort key: numeric identities by value (9090 < 10000), then other names alphabetically."""
-    return (0, int(consumer), consumer) if consumer.isdigit() else (1, 0, consumer)
+    """Sort key: numeric identities by value (9090 < 10000), then other names alphabetically.
+
+    Only ASCII digits count as a number: ``"①".isdigit()`` is true but ``int("①")`` fails,
+    and a name is data from the network, never trusted to be what it looks like."""
+    if consumer.isascii() and consumer.isdigit():
+        return (0, int(consumer), consumer)
+    return (1, 0, consumer)
 
 
 def round_robin(partitions: int, consumers: Sequence[str]) -> dict[int, str]:

@@ -7,17 +7,21 @@ an outbox that the loop flushes, so tests drive ``handle_frontend``/``handle_bac
 
 A record enters a partition on PUT (and only then is the producer acknowledged), is handed to
 the partition's owner when that consumer has credit, and leaves the partition only on the
-owner's ACK for the current epoch. Beside the broker: ``Intake`` checks and places a PUT's
-records, ``DedupeWindow`` knows the ids held and recently acknowledged, ``Parking`` holds
-PUTs that wait for room, ``Partition`` is one ring and its lease.
+owner's ACK for the current epoch, in the consumer's current session. Beside the broker:
+``Intake`` checks and places a PUT's records, ``DedupeWindow`` knows the ids held and
+recently acknowledged, ``Parking`` holds PUTs that wait for room, ``Partition`` is one ring
+and its lease, ``ConsumerSession`` one consumer's registration with its sequence numbers.
+The broker never blocks on a peer: every send is non-blocking, and a peer that does not read
+is dropped.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import insort
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -32,12 +36,14 @@ from zmqlab.intake import Intake
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames
 from zmqlab.parking import ParkedPut, Parking, Part
 from zmqlab.partition import Partition, Taken
-from zmqlab.protocol import Command, Message
+from zmqlab.protocol import MAX_FRAME_BYTES, MAX_NAME_CHARS, Command, Message
+from zmqlab.sessions import ConsumerSession
 
 READ_PER_POLL = 256  # messages read per socket per wake-up before timers and delivery run
 
 Handler = Callable[[list[bytes], Message, float], "list[bytes] | None"]
-"""``handler(route, message, now)``: the reply frames, or None (answered later, or nothing)."""
+"""``handler(route, message, now)``: the reply frames, or None (answered later, or nothing;
+a consumer's handlers send what they send through the consumer's session)."""
 
 
 class Side(Enum):
@@ -45,18 +51,6 @@ class Side(Enum):
 
     FRONTEND = "frontend"  # producers and status clients
     BACKEND = "backend"  # consumers
-
-
-@dataclass
-class ConsumerState:
-    name: str
-    registered_at: float
-    last_seen: float
-    credit: int = 0
-    assigned: list[int] = field(default_factory=list)
-    delivered: int = 0
-    acked: int = 0
-    next_partition: int = 0  # round-robin start among its partitions when delivering
 
 
 @dataclass
@@ -82,16 +76,18 @@ class Broker(Node):
         self.dedupe = DedupeWindow(self.config.dedupe_window)
         self.intake = Intake(self.partitions, self.dedupe, self.config.max_payload_bytes)
         self.parking = Parking()
-        self.consumers: dict[str, ConsumerState] = {}
+        self.consumers: dict[str, ConsumerSession] = {}
+        self._order: list[str] = []  # consumer names in assignment order (see assignment.py)
+        self._assigned: dict[str, list[int]] = {}  # the partitions each consumer was told
         self.producers: dict[bytes, ProducerState] = {}
-        self._producer_names: set[str] = set()
-        self._consumer_names: set[str] = set()
+        self._ready = False  # latched once the expected nodes registered
         self.outbox: list[tuple[Side, list[bytes]]] = []
         self.started_at = clock()
         self._next_heartbeat = 0.0
         self.stopping_until: float | None = None  # set by stop(): drain, then exit
         self.counters = {"put": 0, "duplicates": 0, "refused": 0, "delivered": 0, "acked": 0,
-                         "released": 0, "expired": 0, "dead": 0, "waited": 0}
+                         "released": 0, "expired": 0, "dead": 0, "waited": 0, "resets": 0,
+                         "ack_timeouts": 0, "dropped": 0}
         self._frontend: dict[Command, Handler] = {
             Command.HELLO: self._hello_producer,
             Command.PUT: self._put,
@@ -109,10 +105,11 @@ class Broker(Node):
 
     # -- loop --------------------------------------------------------------------------------
     def serve(self, control: zmq.Socket[Any]) -> None:
-        frontend = new_socket(self.context, zmq.ROUTER)
+        # MANDATORY turns a send to a vanished peer (EHOSTUNREACH) or to one whose pipe is full
+        # (EAGAIN, with NOBLOCK) into an error we act on, instead of a silent drop.
+        frontend = new_socket(self.context, zmq.ROUTER, router_mandatory=1)
         # A restarted consumer reuses its identity: without HANDOVER the old pipe keeps it and
-        # the new one receives nothing. MANDATORY turns a send to a vanished consumer into an
-        # error we act on, instead of a silent drop.
+        # the new one receives nothing.
         backend = new_socket(self.context, zmq.ROUTER, router_handover=1, router_mandatory=1)
         try:
             bind(frontend, self.config.frontend, "broker frontend")
@@ -178,20 +175,29 @@ class Broker(Node):
             handle(frames, now)
 
     def _flush(self, sockets: dict[Side, zmq.Socket[Any]], now: float) -> None:
+        """Send the outbox without ever waiting for a peer."""
         while self.outbox:
             outbox, self.outbox = self.outbox, []
             for side, frames in outbox:
                 try:
-                    send_frames(sockets[side], frames)
-                except zmq.ZMQError as exc:
-                    if side is Side.FRONTEND:
-                        self.log.warning("reply to a producer that is gone dropped: %s", exc)
-                    else:  # EHOSTUNREACH thanks to ROUTER_MANDATORY: the consumer is gone
-                        name = frames[0].decode(errors="replace")
-                        if name in self.consumers:
-                            self.counters["expired"] += 1
-                            self._remove_consumer(name, f"unreachable ({exc})", now)
-                            self.deliver(now)
+                    send_frames(sockets[side], frames, NOBLOCK)
+                except zmq.Again:  # its pipe is full: it does not read what we send
+                    self._drop_peer(side, frames[0], "does not read (its pipe is full)", now)
+                except zmq.ZMQError as exc:  # EHOSTUNREACH: it is gone
+                    self._drop_peer(side, frames[0], f"unreachable ({exc})", now)
+
+    def _drop_peer(self, side: Side, identity: bytes, why: str, now: float) -> None:
+        self.counters["dropped"] += 1
+        if side is Side.FRONTEND:
+            producer = self.producers.pop(identity, None)
+            if producer is not None:  # it says HELLO again if it comes back
+                self.log.warning("producer dropped name=%s reason=%s", producer.name, why)
+            return
+        name = identity.decode(errors="replace")
+        if name in self.consumers:
+            self.counters["expired"] += 1
+            self._remove_consumer(name, why, now)
+            self.deliver(now)
 
     def _send(self, side: Side, identity: bytes, frames: list[bytes]) -> None:
         self.outbox.append((side, proto.envelope((identity,), frames)))
@@ -202,8 +208,20 @@ class Broker(Node):
         self._handle(Side.FRONTEND, self._frontend, frames, now)
 
     def handle_backend(self, frames: list[bytes], now: float) -> None:
-        """Handle one message from a consumer; only errors are answered directly."""
-        self._handle(Side.BACKEND, self._backend, frames, now)
+        """Handle one message from a consumer; errors are answered in its session."""
+        try:
+            route, body = proto.split_envelope(frames)
+        except ProtocolError as exc:
+            self.log.warning("backend: dropped malformed envelope: %s", exc.reason)
+            return
+        identity = route[0]  # a consumer's DEALER sends no request tags
+        named: Any = None
+        try:
+            message = proto.decode(body)
+            named = message.header.get("session")
+            self._dispatch(self._backend, [identity], message, now)
+        except Exception as exc:  # _refusal logs what is unexpected
+            self._refuse_consumer(identity, named, self._refusal(Side.BACKEND, exc), now)
 
     def _handle(self, side: Side, table: dict[Command, Handler], frames: list[bytes],
                 now: float) -> None:
@@ -212,13 +230,16 @@ class Broker(Node):
         except ProtocolError as exc:
             self.log.warning("%s: dropped malformed envelope: %s", side.value, exc.reason)
             return
-        if side is Side.BACKEND:
-            route = route[:1]  # a consumer's DEALER sends no request tags
-        self._answer(side, route, self._dispatch, table, route, body, now)
+        try:
+            reply = self._dispatch(table, route, proto.decode(body), now)
+        except Exception as exc:  # _refusal logs what is unexpected
+            error = self._refusal(side, exc)
+            reply = proto.encode_err(error.code, error.reason)
+        if reply is not None:
+            self.outbox.append((side, proto.envelope(route, reply)))
 
-    def _dispatch(self, table: dict[Command, Handler], route: list[bytes], body: list[bytes],
+    def _dispatch(self, table: dict[Command, Handler], route: list[bytes], message: Message,
                   now: float) -> list[bytes] | None:
-        message = proto.decode(body)
         handler = table.get(message.command)
         if handler is None:
             role = "producer" if table is self._frontend else "consumer"
@@ -226,31 +247,43 @@ class Broker(Node):
                                 f"{message.command.name} is not a {role} command")
         return handler(route, message, now)
 
-    def _answer(self, side: Side, route: list[bytes], handle: Callable[..., list[bytes] | None],
-                *args: Any) -> None:
-        """Send ``handle(*args)``'s reply along ``route``: the reply (None: nothing, or later),
-        ERR for a refusal, INTERNAL for anything unexpected; the loop carries on."""
-        try:
-            reply = handle(*args)
-        except ReplyError as exc:
-            reply = proto.encode_err(exc.code, exc.reason)
-        except Exception as exc:  # keep serving; the peer learns something went wrong
-            self.log.exception("%s: internal error", side.value)
-            reply = proto.encode_err(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        if reply is not None:
-            self.outbox.append((side, proto.envelope(route, reply)))
+    def _refusal(self, side: Side, exc: Exception) -> ReplyError:
+        """The one place an error becomes what is answered: a refusal as it is, anything
+        unexpected as INTERNAL, with a log line; the loop carries on either way."""
+        if isinstance(exc, ReplyError):
+            return exc
+        self.log.error("%s: internal error", side.value, exc_info=exc)
+        return Refused(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def _welcome(self) -> dict[str, Any]:
-        return {"partitions": self.config.partitions, "heartbeat_ms": self.config.heartbeat_ms,
-                "liveness": self.config.liveness, "ready": self._not_ready() is None}
+    def _welcome(self, session: ConsumerSession | None = None) -> dict[str, Any]:
+        welcome: dict[str, Any] = {
+            "partitions": self.config.partitions, "heartbeat_ms": self.config.heartbeat_ms,
+            "liveness": self.config.liveness, "ready": self._not_ready() is None}
+        if session is not None:
+            welcome.update(session=session.token, ack_timeout_ms=self.config.ack_timeout_ms)
+        return welcome
 
     def _not_ready(self) -> str | None:
-        missing_p = self.config.expect_producers - len(self._producer_names)
-        missing_c = self.config.expect_consumers - len(self._consumer_names)
+        """Why records are refused until the expected nodes registered, or None. Counts live
+        registrations; once ready, the broker stays ready (a node that restarts later must
+        not stop everyone else)."""
+        if self._ready:
+            return None
+        expect_p, expect_c = self.config.expect_producers, self.config.expect_consumers
+        missing_p = expect_p - len({p.name for p in self.producers.values()}) if expect_p else 0
+        missing_c = expect_c - len(self.consumers)
         if missing_p <= 0 and missing_c <= 0:
+            self._ready = True
             return None
         return (f"waiting for {max(missing_p, 0)} more producer(s) and {max(missing_c, 0)} more "
                 "consumer(s) to register")
+
+    @staticmethod
+    def _check_name(name: str, what: str) -> None:
+        """Names are stored with every record: bounded, and nothing a database refuses."""
+        if not 0 < len(name) <= MAX_NAME_CHARS or "\x00" in name:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"a {what} name must be 1 to "
+                                f"{MAX_NAME_CHARS} characters without NUL")
 
     def _check_open(self) -> None:
         if self.stopping_until is not None:
@@ -278,10 +311,10 @@ class Broker(Node):
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 "the frontend registers producers: HELLO needs role 'producer' "
                                 "and a non-empty name")
+        self._check_name(name, "producer")
         if route[0] not in self.producers:
             self.log.info("producer registered name=%s", name)
         self.producers[route[0]] = ProducerState(name=name, last_seen=now)
-        self._producer_names.add(name)
         return proto.encode(Command.WELCOME, self._welcome())
 
     def _producer(self, route: list[bytes], now: float) -> ProducerState:
@@ -307,7 +340,8 @@ class Broker(Node):
 
     def _put(self, route: list[bytes], message: Message, now: float) -> list[bytes] | None:
         """Store a PUT now, or park it (no reply yet) while the records it brings do not fit
-        and consumers can still make room (see ``zmqlab.parking``)."""
+        and consumers can still make room, or while an older parked PUT holds records of the
+        same keyed partitions (see ``zmqlab.parking``)."""
         self._producer(route, now)
         self._check_open()
         parts: list[Part] = []
@@ -317,7 +351,12 @@ class Broker(Node):
             except ProtocolError as exc:
                 parts.append((exc, blob))
         if self.config.put_wait_ms and self.consumers and not self.parking.full:
-            need = self.intake.need([h for h, _ in parts if isinstance(h, dict)])
+            headers = [h for h, _ in parts if isinstance(h, dict)]
+            need = self.intake.need(headers)
+            if need is None and self.parking:  # it fits, but may have to wait its turn
+                turn = self.intake.count(headers)
+                if turn is not None and turn[1] and self.parking.holds(turn[1]):
+                    need = turn
             if need is not None:
                 self.parking.park(ParkedPut(route, parts,
                                             now + self.config.put_wait_ms / 1000, need))
@@ -328,7 +367,12 @@ class Broker(Node):
     def unpark(self, now: float) -> None:
         """Answer parked PUTs that fit now or whose wait is over, oldest first."""
         def answer(put: ParkedPut) -> None:
-            self._answer(Side.FRONTEND, put.route, self._store_parts, put.route, put.parts, now)
+            try:
+                reply = self._store_parts(put.route, put.parts, now)
+            except Exception as exc:  # _refusal logs what is unexpected
+                error = self._refusal(Side.FRONTEND, exc)
+                reply = proto.encode_err(error.code, error.reason)
+            self.outbox.append((Side.FRONTEND, proto.envelope(put.route, reply)))
 
         may_wait = bool(self.consumers) and self.stopping_until is None
         self.parking.release(now, self.intake.room_for, answer, may_wait=may_wait)
@@ -367,51 +411,89 @@ class Broker(Node):
 
     # -- backend: consumers ----------------------------------------------------------------------
     @staticmethod
-    def _name(route: list[bytes]) -> str:
+    def _name(identity: bytes) -> str:
         try:
-            return route[0].decode()
+            return identity.decode()
         except UnicodeDecodeError:
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 "consumer identity must be UTF-8 text") from None
 
-    def _consumer(self, route: list[bytes], now: float) -> ConsumerState:
-        state = self.consumers.get(self._name(route))
-        if state is None:
-            raise Refused(ErrorCode.NOT_REGISTERED, "say HELLO before anything else")
+    def _send_consumer(self, state: ConsumerSession, command: Command, header: dict[str, Any],
+                       now: float, payloads: list[bytes] | None = None) -> None:
+        """Send in ``state``'s session: the message gets the session and its number."""
+        self._send(Side.BACKEND, state.name.encode(),
+                   proto.encode(command, state.stamp(header, now), payloads or ()))
+
+    def _refuse_consumer(self, identity: bytes, named: Any, error: ReplyError,
+                         now: float) -> None:
+        """ERR to a consumer: in its session when the message was of it; otherwise naming
+        the session the message named, unnumbered, so a live session is not disturbed."""
+        header = proto.err_header(error.code, error.reason)
+        state = self.consumers.get(identity.decode(errors="replace"))
+        if state is not None and named == state.token:
+            self._send_consumer(state, Command.ERR, header, now)
+            return
+        if named is not None:
+            header["session"] = named
+        self._send(Side.BACKEND, identity, proto.encode(Command.ERR, header))
+
+    def _consumer(self, route: list[bytes], message: Message, now: float) -> ConsumerSession:
+        """The session a consumer message belongs to; a message of no current session is
+        refused and changes nothing, one that shows a lost message ends the session."""
+        state = self.consumers.get(self._name(route[0]))
+        if state is None or message.header.get("session") != state.token:
+            raise Refused(ErrorCode.NOT_REGISTERED, "no such session: say HELLO")
+        problem = state.receive(message.header)
+        if problem is not None:
+            self._end_session(state, problem, now)
+            raise Refused(ErrorCode.NOT_REGISTERED, f"session reset: {problem}; say HELLO")
         state.last_seen = now
         return state
 
+    def _end_session(self, state: ConsumerSession, why: str, now: float) -> None:
+        """A message was lost: release what the session held (not the records' fault)."""
+        self.counters["resets"] += 1
+        self._remove_consumer(state.name, f"session reset: {why}", now, count_attempt=False)
+
     def _hello_consumer(self, route: list[bytes], message: Message, now: float) -> None:
-        name = self._name(route)
+        name = self._name(route[0])
+        self._check_name(name, "consumer")
         if message.header.get("role", "consumer") != "consumer":
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "the backend registers consumers only")
-        if name in self.consumers:  # it restarted or lost us: what it held is released first
-            self._remove_consumer(name, "registered again", now, rebalance=False)
-        self.consumers[name] = ConsumerState(name=name, registered_at=now, last_seen=now)
-        self._consumer_names.add(name)
+        old = self.consumers.get(name)
+        if old is not None:  # what the old session held is released first
+            restarted = message.header.get("previous") != old.token
+            self._remove_consumer(name, "restarted" if restarted else "reset its session", now,
+                                  rebalance=False, count_attempt=restarted)
+        state = ConsumerSession(name=name, registered_at=now, last_seen=now)
+        self.consumers[name] = state
+        insort(self._order, name, key=consumer_order)
         self.log.info("consumer registered name=%s", name)
-        self._send(Side.BACKEND, route[0], proto.encode(Command.WELCOME, self._welcome()))
-        self._rebalance()
+        self._send(Side.BACKEND, route[0], proto.encode(Command.WELCOME, self._welcome(state)))
+        self._rebalance(now)
 
     def _fetch(self, route: list[bytes], message: Message, now: float) -> None:
-        state = self._consumer(route, now)
+        state = self._consumer(route, message, now)
         credit = proto.require(message.header, "credit", int)
         if credit < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "credit must be >= 0")
         state.credit = credit
 
     def _heartbeat_consumer(self, route: list[bytes], message: Message, now: float) -> None:
-        self._consumer(route, now)
+        self._consumer(route, message, now)
 
     def _bye_consumer(self, route: list[bytes], message: Message, now: float) -> None:
-        state = self._consumer(route, now)
-        self._remove_consumer(state.name, "said BYE", now)
+        state = self._consumer(route, message, now)
+        self._remove_consumer(state.name, "said BYE", now, count_attempt=False)
 
     def _ack(self, route: list[bytes], message: Message, now: float) -> None:
         """Apply each partition's ACK on its own: a refused one changes nothing and is
-        answered with ERR, the others still count."""
-        state = self._consumer(route, now)
+        answered with ERR naming its partition, the others still count."""
+        state = self._consumer(route, message, now)
         entries = proto.require(message.header, "acks", list)
+        if len(entries) > len(self.partitions):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"an ACK names at most "
+                                f"{len(self.partitions)} partitions, got {len(entries)}")
         for entry in entries:
             try:
                 if not isinstance(entry, dict):
@@ -419,74 +501,91 @@ class Broker(Node):
                 self._ack_partition(state, entry)
             except ReplyError as exc:
                 number = entry.get("partition") if isinstance(entry, dict) else None
-                self._send(Side.BACKEND, route[0],
-                           proto.encode_err(exc.code, exc.reason, partition=number))
+                self._send_consumer(state, Command.ERR,
+                                    proto.err_header(exc.code, exc.reason, partition=number), now)
 
-    def _ack_partition(self, state: ConsumerState, entry: dict[str, Any]) -> None:
+    def _ack_partition(self, state: ConsumerSession, entry: dict[str, Any]) -> None:
         number = proto.require(entry, "partition", int)
         epoch = proto.require(entry, "epoch", int)
         runs = proto.require(entry, "offsets", list)
+        dead = entry.get("dead") or []
         if not 0 <= number < len(self.partitions):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no partition {number}")
-        offsets = proto.from_runs(runs)
-        dead = entry.get("dead") or []
-        if dead and (not isinstance(dead, list) or not set(dead) <= set(offsets)):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must list some of the offsets")
-        first, removed = self.partitions[number].ack(state.name, epoch, offsets)
-        state.acked += len(offsets)
-        self.counters["acked"] += len(offsets)
+        if not isinstance(dead, list):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must be a list of offsets")
+        settled = self.partitions[number].ack(state.name, epoch, runs, dead)
+        count = sum(run[1] for run in runs)
+        state.acked += count
+        self.counters["acked"] += count
         self.counters["dead"] += len(dead)
-        self.dedupe.settle(number, first, removed, dead)
+        self.dedupe.settle(number, settled.first, settled.ids, settled.dead)
 
-    def _remove_consumer(self, name: str, why: str, now: float, *, rebalance: bool = True) -> None:
+    def _remove_consumer(self, name: str, why: str, now: float, *, rebalance: bool = True,
+                         count_attempt: bool = True) -> None:
+        """End ``name``'s session: release what it held (raising attempts unless it was not
+        the records' fault) and move its partitions."""
         state = self.consumers.pop(name, None)
         if state is None:
             return
+        self._order.remove(name)
+        self._assigned.pop(name, None)
         self.log.info("consumer left name=%s reason=%s", name, why)
-        targets = round_robin(len(self.partitions), list(self.consumers)) if self.consumers else {}
+        targets = self._targets()
         for partition in self.partitions:
             if partition.owner == name or partition.target == name:
                 partition.want_owner(targets.get(partition.number))
                 if partition.owner == name:
-                    released = partition.owner_gone()
+                    released = partition.owner_gone(count_attempt)
                     self.counters["released"] += released
                     if released:
                         self.log.info("released records partition=%d count=%d",
                                       partition.number, released)
         if rebalance:
-            self._rebalance()
+            self._rebalance(now)
 
-    def _rebalance(self) -> None:
-        targets = (round_robin(len(self.partitions), list(self.consumers))
-                   if self.consumers else {})
+    def _targets(self) -> dict[int, str]:
+        """Round robin over the consumers in order: only the first ``partitions`` of them
+        can own one, so a registration costs O(partitions) however many consumers there are."""
+        count = len(self.partitions)
+        return round_robin(count, self._order[:count]) if self._order else {}
+
+    def _rebalance(self, now: float) -> None:
+        targets = self._targets()
         for partition in self.partitions:
             partition.want_owner(targets.get(partition.number))
-        for name, state in self.consumers.items():
-            assigned = sorted(p for p, c in targets.items() if c == name)
-            if assigned != state.assigned:
-                state.assigned = assigned
-                self.log.info("assignment consumer=%s partitions=%s", name,
-                              [p + 1 for p in assigned])
-                self._send(Side.BACKEND, name.encode(),
-                           proto.encode(Command.ASSIGN, {"partitions": assigned}))
+        assigned: dict[str, list[int]] = {}
+        for number, name in sorted(targets.items()):
+            assigned.setdefault(name, []).append(number)
+        for name in set(self._assigned) | set(assigned):
+            state = self.consumers.get(name)
+            mine = assigned.get(name, [])
+            if state is not None and mine != state.assigned:
+                state.assigned = mine
+                self.log.info("assignment consumer=%s partitions=%s", name, mine)
+                self._send_consumer(state, Command.ASSIGN, {"partitions": mine}, now)
+        self._assigned = assigned
 
     # -- delivery ----------------------------------------------------------------------------
     def deliver(self, now: float) -> None:
         """Hand pending records to owners that have credit.
 
         One RECORDS message per consumer carries a batch from each of its ready partitions
-        (up to ``max_batch`` records in all), so the message count does not grow with the
-        number of partitions a consumer owns. A consumer with nothing in flight gets what is
-        pending at once; one that is still storing gets only full batches (Nagle's rule): it
-        cannot use records sooner than its transaction ends, and a few large messages cost
-        both sides far less than many small ones (see docs/performance.md). What is left
+        (up to ``max_batch`` records and one frame of payload in all), so the message count
+        does not grow with the number of partitions a consumer owns. A consumer with nothing
+        in flight gets what is pending at once; one that is still storing gets only full
+        batches (Nagle's rule): it cannot use records sooner than its transaction ends, and
+        a few large messages cost both sides far less than many small ones. What is left
         goes when its in-flight records are acknowledged, so the wait is bounded by one
         transaction.
         """
+        owners: dict[str, list[Partition]] = {}
+        for partition in self.partitions:
+            if partition.owner is not None:
+                owners.setdefault(partition.owner, []).append(partition)
         max_batch = self.config.max_batch
-        for state in self.consumers.values():
-            owned = [p for p in self.partitions if p.owner == state.name]
-            if not owned:
+        for name, owned in owners.items():
+            state = self.consumers.get(name)
+            if state is None:
                 continue
             inflight = sum(p.inflight for p in owned)
             available = state.credit - inflight
@@ -500,48 +599,58 @@ class Broker(Node):
                 budget = min(available, max_batch)
                 if inflight and sum(p.pending for p in order) < budget:
                     break
+                room = MAX_FRAME_BYTES
                 batches: list[tuple[Partition, Taken]] = []
                 for partition in order:
-                    taken = partition.take(budget)
+                    taken = partition.take(budget, now, room)
                     if taken.ids:
                         batches.append((partition, taken))
                         budget -= len(taken.ids)
-                        if budget <= 0:
+                        room -= sum(taken.sizes)
+                        if budget <= 0 or room <= 0:
                             break
                 if not batches:
                     break
                 sent = sum(len(taken.ids) for _, taken in batches)
                 available -= sent
                 inflight += sent
-                self._send_records(state, batches)
+                self._send_records(state, batches, now)
 
-    def _send_records(self, state: ConsumerState, batches: list[tuple[Partition, Taken]]) -> None:
+    def _send_records(self, state: ConsumerSession, batches: list[tuple[Partition, Taken]],
+                      now: float) -> None:
         header_batches = []
         payloads: list[bytes] = []
+        compact = proto.compact
         for partition, taken in batches:
-            compact = proto.compact
             header_batches.append({
                 "partition": partition.number, "epoch": partition.epoch,
                 "offsets": taken.offsets, "ids": taken.ids, "keys": compact(taken.keys),
                 "producers": compact(taken.producers), "created_us": compact(taken.created_us),
-                "attempts": compact(taken.attempts),
-                "sizes": compact(list(map(len, taken.payloads))),
+                "attempts": compact(taken.attempts), "sizes": compact(taken.sizes),
             })
             payloads.extend(taken.payloads)
         state.delivered += len(payloads)
         self.counters["delivered"] += len(payloads)
-        self._send(Side.BACKEND, state.name.encode(), proto.encode(
-            Command.RECORDS, {"batches": header_batches}, proto.join_payloads(payloads)))
+        self._send_consumer(state, Command.RECORDS, {"batches": header_batches}, now,
+                            proto.join_payloads(payloads))
 
     # -- timers ------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
-        """Expire silent consumers and producers; send heartbeats."""
+        """Expire silent consumers and producers, end sessions that lost a message, release
+        records in flight past their deadline, send heartbeats."""
         expiry = self.config.expiry_s
         for name, state in list(self.consumers.items()):
             if now - state.last_seen > expiry:
                 self.counters["expired"] += 1
                 silent = now - state.last_seen
                 self._remove_consumer(name, f"expired: silent for {silent:.1f} s", now)
+            elif (problem := state.overdue(now, expiry)) is not None:
+                token = state.token
+                self._end_session(state, problem, now)
+                self._send(Side.BACKEND, name.encode(), proto.encode_err(
+                    ErrorCode.NOT_REGISTERED, f"session reset: {problem}; say HELLO",
+                    session=token))
+        self._expire_deliveries(now)
         waiting = {parked.route[0] for parked in self.parking}  # a REQ producer cannot send
         for identity, producer in list(self.producers.items()):  # heartbeats while it waits
             if now - producer.last_seen > expiry and identity not in waiting:
@@ -549,8 +658,29 @@ class Broker(Node):
                 self.log.info("producer expired name=%s", producer.name)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_ms / 1000
-            for name in self.consumers:
-                self._send(Side.BACKEND, name.encode(), proto.encode(Command.HEARTBEAT))
+            for state in self.consumers.values():
+                self._send_consumer(state, Command.HEARTBEAT, {}, now)
+
+    def _expire_deliveries(self, now: float) -> None:
+        """Records in flight longer than ``ack_timeout_ms`` are released and delivered again;
+        the owner is told, and its late ACK of the old epoch is refused."""
+        deadline = now - self.config.ack_timeout_ms / 1000
+        for partition in self.partitions:
+            since = partition.oldest_delivery
+            if since is None or since > deadline:
+                continue
+            owner = partition.owner
+            released = partition.fence()
+            self.counters["ack_timeouts"] += 1
+            self.counters["released"] += released
+            self.log.warning("ack timeout partition=%d owner=%s released=%d after %.1f s",
+                             partition.number, owner, released, now - since)
+            state = self.consumers.get(owner) if owner is not None else None
+            if state is not None:
+                self._send_consumer(state, Command.ERR, proto.err_header(
+                    ErrorCode.ACK_TIMEOUT, f"records in flight for more than "
+                    f"{self.config.ack_timeout_ms} ms were released",
+                    partition=partition.number, epoch=partition.epoch), now)
 
     # -- status ------------------------------------------------------------------------------
     def snapshot(self, now: float | None = None) -> dict[str, Any]:

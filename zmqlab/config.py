@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zmqlab.errors import ConfigError
-from zmqlab.protocol import MAX_PAYLOAD_BYTES
+from zmqlab.protocol import MAX_FRAME_BYTES, MAX_PAYLOAD_BYTES
 
 DEFAULT_FRONTEND = "tcp://*:5555"
 DEFAULT_BACKEND = "tcp://*:5556"
@@ -46,6 +46,7 @@ class BrokerConfig:
     drain_timeout_s: float = 10.0  # on stop: keep delivering until stored, at most this long
     put_wait_ms: int = 500  # a PUT that does not fit waits this long for room (0: refuse now);
     # keep it well under the producers' reply timeout (2500 ms by default)
+    ack_timeout_ms: int = 30_000  # records in flight this long at one consumer are released
     tick_ms: int = 100
 
     def __post_init__(self) -> None:
@@ -62,7 +63,10 @@ class BrokerConfig:
         _positive("dedupe_window", self.dedupe_window, 0)
         _positive("drain_timeout_s", self.drain_timeout_s, 0)
         _positive("put_wait_ms", self.put_wait_ms, 0)
+        _positive("ack_timeout_ms", self.ack_timeout_ms, 10)
         _positive("tick_ms", self.tick_ms)
+        if self.max_payload_bytes > MAX_FRAME_BYTES:
+            raise ConfigError(f"max_payload_bytes must be at most {MAX_FRAME_BYTES} (one frame)")
 
     @property
     def expiry_s(self) -> float:
@@ -81,6 +85,7 @@ class ProducerConfig:
     heartbeat_ms: int = 1000
     max_batch: int = 1000  # records per PUT to the broker
     max_pending: int = 50_000  # records waiting for the broker before clients are refused
+    max_pending_bytes: int = 256 * 1_048_576  # the same bound in payload bytes
     tick_ms: int = 100
 
     def __post_init__(self) -> None:
@@ -94,6 +99,7 @@ class ProducerConfig:
         _positive("heartbeat_ms", self.heartbeat_ms, 10)
         _positive("max_batch", self.max_batch)
         _positive("max_pending", self.max_pending)
+        _positive("max_pending_bytes", self.max_pending_bytes, MAX_FRAME_BYTES)
         _positive("tick_ms", self.tick_ms)
 
 

@@ -11,7 +11,8 @@
     │   │                               NOT_REGISTERED, NOT_READY, UNAVAILABLE, PARTITION_FULL,
     │   │                               INVALID_RECORD, TOO_LARGE, INTERNAL
     │   └── LeaseError                  an ACK outside the sender's lease: NOT_OWNER,
-    │                                   STALE_EPOCH, UNKNOWN_OFFSET (it changed nothing)
+    │                                   STALE_EPOCH, UNKNOWN_OFFSET (it changed nothing);
+    │                                   ACK_TIMEOUT tells an owner its lease was fenced
     ├── BrokerRejected                  a client's view: the node answered ERR
     │   └── RecordsRefused              some records of a send were refused (the rest stored)
     ├── BrokerUnavailable (TimeoutError) no answer after every retry
@@ -46,6 +47,7 @@ class ErrorCode(StrEnum):
     NOT_OWNER = "NOT_OWNER"
     UNKNOWN_OFFSET = "UNKNOWN_OFFSET"
     UNAVAILABLE = "UNAVAILABLE"  # a producer service could not reach the broker
+    ACK_TIMEOUT = "ACK_TIMEOUT"  # records in flight too long were released (a notice)
     INTERNAL = "INTERNAL"
 
 

@@ -110,8 +110,9 @@ class Intake:
 
     def _all_new_and_valid(self, columns: Columns) -> bool:
         """The common case, a column at a time: every id a new, unique string of the allowed
-        length, every key null or a short string, every time an int from 1970 to 9999, every
-        payload within the size limit. When False, ``_check_each`` finds out which record."""
+        length, every key null or a short string, no NUL in either (no supported database
+        stores it in text), every time an int from 1970 to 9999, every payload within the size
+        limit. When False, ``_check_each`` finds out which record."""
         ids, keys, created, sizes = columns
         if not ids:
             return True
@@ -123,9 +124,13 @@ class Intake:
             return False
         if max(sizes) > self.max_payload_bytes or len(set(ids)) != len(ids):
             return False
+        if "\x00" in "".join(ids):
+            return False
         if keys.count(None) != len(keys):
             named = [k for k in keys if k is not None]
             if set(map(type, named)) != {str} or max(map(len, named)) > MAX_KEY_CHARS:
+                return False
+            if "\x00" in "".join(named):
                 return False
         return self.window.all_new(ids)
 
@@ -135,20 +140,23 @@ class Intake:
         accepted: list[int] = []
         window = self.window
         max_bytes = self.max_payload_bytes
+        after: tuple[int, int] | None = None  # where the next retried record probably is
         for index, (record_id, key, created_us, size) in enumerate(zip(*columns, strict=True)):
-            if type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS:
-                errors.append([index, _INVALID,
-                               f"id must be a string of 1 to {MAX_ID_CHARS} characters", False])
-            elif key is not None and (type(key) is not str or len(key) > MAX_KEY_CHARS):
-                errors.append([index, _INVALID,
-                               f"key must be null or a string of at most {MAX_KEY_CHARS} chars",
-                               False])
+            if (type(record_id) is not str or not 0 < len(record_id) <= MAX_ID_CHARS
+                    or "\x00" in record_id):
+                errors.append([index, _INVALID, f"id must be a string of 1 to {MAX_ID_CHARS} "
+                               "characters without NUL", False])
+            elif key is not None and (type(key) is not str or len(key) > MAX_KEY_CHARS
+                                      or "\x00" in key):
+                errors.append([index, _INVALID, f"key must be null or a string of at most "
+                               f"{MAX_KEY_CHARS} characters without NUL", False])
             elif type(created_us) is not int or not 0 <= created_us <= MAX_CREATED_US:
                 errors.append([index, _INVALID,
                                "created_us must be an integer of microseconds of Unix time, "
                                "from 1970 up to the last day of year 9999", False])
-            elif record_id in window and (known := self.locate(record_id, key)) is not None:
+            elif record_id in window and (known := self.locate(record_id, key, after)):
                 dups.append([index, *known])  # an idempotent retry: the original position
+                after = (known[0], known[1] + 1)
             elif size > max_bytes:
                 errors.append([index, ErrorCode.TOO_LARGE.value,
                                f"payload of {size} bytes exceeds {max_bytes}", False])
@@ -160,13 +168,24 @@ class Intake:
                 accepted.append(index)
         return accepted
 
-    def locate(self, record_id: str, key: str | None) -> tuple[int, int] | None:
-        """Where a known id sits: held (found by a scan, only on retries) or recently acked."""
+    def locate(self, record_id: str, key: str | None,
+               after: tuple[int, int] | None = None) -> tuple[int, int] | None:
+        """Where a known id sits: held or recently acknowledged. A resent batch comes in the
+        order it was stored, so each record is looked for first just after the one before it
+        (``after``), then as the start of a run; only an id in the middle of a run resent on
+        its own costs a scan."""
         if record_id in self.window.held:
-            count = len(self.partitions)
+            partitions = self.partitions
+            if after is not None and partitions[after[0]].id_at(after[1]) == record_id:
+                return after
+            for partition in partitions:
+                offset = partition.run_start(record_id)
+                if offset is not None:
+                    return partition.number, offset
+            count = len(partitions)
             first = partition_of(key, count) if key is not None else 0
-            for number in [first, *range(count)]:
-                offset = self.partitions[number].find(record_id)
+            for number in [first, *(n for n in range(count) if n != first)]:
+                offset = partitions[number].find(record_id)
                 if offset is not None:
                     return number, offset
         return self.window.acked_position(record_id)
@@ -252,10 +271,15 @@ class Intake:
         need = self._count(headers, count_known=True)
         if need is None or self.room_for(need):
             return None
-        need = self._count(headers, count_known=False)  # retries of known ids need no room
+        need = self.count(headers)  # retries of known ids need no room
         if need is None or self.room_for(need):
             return None
         return need
+
+    def count(self, headers: Sequence[dict[str, Any]]) -> Need | None:
+        """The room the records these parts bring, less the known ones, take; None if they
+        could never fit whole."""
+        return self._count(headers, count_known=False)
 
     def room_for(self, need: Need) -> bool:
         keyless, keyed = need

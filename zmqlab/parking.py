@@ -12,7 +12,7 @@ numbers: wake-ups come after every consumer ACK while the queue is full.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,12 @@ class Parking:
     def park(self, put: ParkedPut) -> None:
         self._parked.append(put)
 
+    def holds(self, partitions: Iterable[int]) -> bool:
+        """Whether a parked PUT waits with keyed records for one of ``partitions``: then a
+        later PUT with keyed records for it waits behind, so one key keeps its order."""
+        wanted = set(partitions)
+        return any(not wanted.isdisjoint(put.need[1]) for put in self._parked)
+
     def release(self, now: float, fits: Callable[[Need], bool],
                 answer: Callable[[ParkedPut], None], *, may_wait: bool = True) -> None:
         """``answer`` each PUT, oldest first, that fits now or whose wait is over (every one
@@ -67,14 +73,20 @@ class Parking:
         it were answered, since storing them took room.
 
         Any PUT that fits goes, not only the oldest: a PUT waiting for one full keyed
-        partition must not hold up others bound for partitions with room. A big PUT can be
-        overtaken by small ones, for its wait at most.
+        partition must not hold up others bound for partitions with room. But a PUT with
+        keyed records for a partition that an older waiting PUT also has keyed records for
+        stays behind it, so records of one key are stored in the order they came. A keyless
+        or bigger PUT can be overtaken by small ones, for its wait at most.
         """
         waiting: deque[ParkedPut] = deque()
         parked, self._parked = self._parked, waiting
+        held: set[int] = set()  # partitions with keyed records of a PUT still waiting
         while parked:
             put = parked.popleft()
-            if may_wait and now < put.deadline and not fits(put.need):
+            keyed = put.need[1]
+            due = not may_wait or now >= put.deadline
+            if not due and (not fits(put.need) or not held.isdisjoint(keyed)):
                 waiting.append(put)
+                held.update(keyed)
             else:
                 answer(put)

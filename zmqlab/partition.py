@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import threading
 from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 from zmqlab.errors import ErrorCode, LeaseError, ProtocolError
@@ -44,6 +48,15 @@ class Taken(NamedTuple):
     created_us: list[int]
     attempts: list[int]
     payloads: list[bytes]
+    sizes: list[int]
+
+
+class Settled(NamedTuple):
+    """What an ACK took out of the ring: always a run from the old head."""
+
+    first: int  # the offset of the first record removed
+    ids: list[str]  # the ids removed, in offset order
+    dead: set[int]  # the removed offsets that were acknowledged as dead letters
 
 
 class Partition:
@@ -71,6 +84,12 @@ class Partition:
         self.cursor = 0
         self.tail = 0
         self._acked: set[int] = set()  # acknowledged offsets above head (out-of-order ACKs)
+        self._dead: set[int] = set()  # offsets acknowledged as dead letters, not yet removed
+        # The first id of every appended run, so a resent batch is found without a scan.
+        self._run_starts: dict[str, int] = {}
+        self._run_order: deque[tuple[int, str]] = deque()
+        # (end offset, time) of every delivery still in flight, oldest first: the deadline.
+        self._deliveries: deque[tuple[int, float]] = deque()
         self.owner: str | None = None
         self.epoch = 0
         self.target: str | None = None  # the next owner, once the current one settles
@@ -127,6 +146,8 @@ class Partition:
                 self._attempts[start:stop] = _FIRST_ATTEMPT * (hi - lo)
             self.tail = first + count
             self.appended_total += count
+            self._run_starts[ids[0]] = first
+            self._run_order.append((first, ids[0]))
             return first, count
 
     def _spans(self, first: int, count: int) -> list[tuple[int, int, int, int]]:
@@ -139,16 +160,31 @@ class Partition:
             spans.append((0, count - head_part, head_part, count))
         return spans
 
-    def take(self, limit: int) -> Taken:
-        """Hand out up to ``limit`` pending records (they become in flight, and stay here)."""
+    def take(self, limit: int, now: float = 0.0, max_bytes: int | None = None) -> Taken:
+        """Hand out up to ``limit`` pending records, and at most ``max_bytes`` of payload
+        unless one record alone is more (they become in flight, and stay here); ``now`` starts
+        their in-flight clock."""
         with self.lock:
-            end = min(self.tail, self.cursor + limit)
-            out = self._columns(self.cursor, end)
+            start = self.cursor
+            end = min(self.tail, start + limit)
+            out = self._columns(start, end)
+            if max_bytes is not None and len(out.sizes) > 1 and sum(out.sizes) > max_bytes:
+                fit = max(1, bisect_right(list(accumulate(out.sizes)), max_bytes))
+                offsets = [o for first, count in out.offsets for o in range(first, first + count)]
+                end = offsets[fit - 1] + 1
+                out = self._columns(start, end)
             self.cursor = end
+            if end > start:
+                self._deliveries.append((end, now))
             return out
 
+    @property
+    def oldest_delivery(self) -> float | None:
+        """When the oldest delivery still in flight was handed out, or None."""
+        return self._deliveries[0][1] if self._deliveries else None
+
     def _columns(self, start: int, end: int) -> Taken:
-        taken = Taken([], [], [], [], [], [], [])
+        taken = Taken([], [], [], [], [], [], [], [])
         if end <= start:
             return taken
         if self._acked and any(o in self._acked for o in range(start, end)):
@@ -173,9 +209,22 @@ class Partition:
             taken.created_us.extend(self._created[lo:hi])
             taken.attempts.extend(self._attempts[lo:hi])
             taken.payloads.extend(self._payloads[lo:hi])  # type: ignore[arg-type]
+        taken.sizes.extend(map(len, taken.payloads[len(taken.sizes):]))
+
+    def id_at(self, offset: int) -> str | None:
+        """The id held at ``offset``, or None (acknowledged, or not written yet)."""
+        if not self.head <= offset < self.tail:
+            return None
+        return self._ids[offset % self.capacity]
+
+    def run_start(self, record_id: str) -> int | None:
+        """The offset of a held record that was the first of its run (what a resent batch
+        starts with), at once; None for any other id."""
+        offset = self._run_starts.get(record_id)
+        return offset if offset is not None and offset >= self.head else None
 
     def find(self, record_id: str) -> int | None:
-        """The offset of a held record by id (a scan: only retried duplicates need it)."""
+        """The offset of a held record by id (a scan: see ``run_start`` first)."""
         with self.lock:
             try:
                 slot = self._ids.index(record_id)
@@ -183,13 +232,15 @@ class Partition:
                 return None
             return self.head + (slot - self.head) % self.capacity
 
-    def ack(self, owner: str, epoch: int, offsets: list[int]) -> tuple[int, list[str]]:
-        """Remove acknowledged records; refuse (changing nothing) stale, foreign or unknown ones.
+    def ack(self, owner: str, epoch: int, runs: Sequence[Any],
+            dead: Sequence[Any] = ()) -> Settled:
+        """Settle acknowledged records (``runs`` of ``[first offset, count]``; ``dead``: the
+        ones the consumer buried); refuse, changing nothing, stale, foreign or unknown ones.
 
-        Returns (offset of the first, ids) of the records that left the ring: always a run
-        from the old head, since out-of-order ACKs wait above the head until it is acknowledged.
-        If the partition was being handed over to a new owner and nothing is in flight any more,
-        the lease moves now.
+        Runs are checked against what is in flight before they are expanded, so a hostile
+        ACK costs no more than the records it could name. Records leave the ring as a run from
+        the head: out-of-order ACKs wait above it until the head is acknowledged. If the
+        partition was being handed over and nothing is in flight any more, the lease moves.
         """
         with self.lock:
             if owner != self.owner:
@@ -202,26 +253,26 @@ class Partition:
                     ErrorCode.STALE_EPOCH,
                     f"partition {self.number} is at epoch {self.epoch}, ACK named {epoch}",
                 )
+            offsets = self._in_flight(runs)
+            if dead:
+                named = set(offsets)
+                if not all(type(o) is int and o in named for o in dead):
+                    raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                        "dead must list some of the acknowledged offsets")
             head, count = self.head, len(offsets)
             contiguous = (not self._acked and head + count <= self.cursor
                           and offsets == list(range(head, head + count)))
-            if not contiguous:  # the general case: validate each, allow out-of-order
-                for offset in offsets:
-                    if type(offset) is not int:
-                        raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be integers")
-                    if not self.head <= offset < self.cursor or offset in self._acked:
-                        raise LeaseError(
-                            ErrorCode.UNKNOWN_OFFSET,
-                            f"offset {offset} is not in flight in partition {self.number} "
-                            f"(in flight: [{self.head}, {self.cursor}))",
-                        )
-                if len(set(offsets)) != count:
-                    raise LeaseError(ErrorCode.UNKNOWN_OFFSET, "an offset is listed twice")
+            if not contiguous:  # the general case: allow out-of-order
+                if self._acked.intersection(offsets) or len(set(offsets)) != count:
+                    raise LeaseError(ErrorCode.UNKNOWN_OFFSET,
+                                     f"an offset is acknowledged twice in partition "
+                                     f"{self.number}")
                 self._acked.update(offsets)
                 count = 0
                 while head + count in self._acked:
                     self._acked.discard(head + count)
                     count += 1
+            self._dead.update(dead)
             removed: list[str] = []
             for start, stop, _, _ in self._spans(head, count) if count else ():
                 removed.extend(self._ids[start:stop])  # type: ignore[arg-type]
@@ -232,9 +283,41 @@ class Partition:
                 self._payloads[start:stop] = nothing
             self.head = head + count
             self.acked_total += len(offsets)
+            buried: set[int] = set()
+            if self._dead and count:
+                buried = self._dead.intersection(range(head, self.head))
+                self._dead -= buried
+            self._forget_below(self.head)
             if self.handing_over and self.cursor == self.head:
                 self._transfer()
-            return head, removed
+            return Settled(head, removed, buried)
+
+    def _in_flight(self, runs: Sequence[Any]) -> list[int]:
+        """The offsets of ``runs``, each checked to be in flight before any is expanded."""
+        if not all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
+                   and r[1] > 0 for r in runs):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                "offsets must be runs [first offset, count > 0]")
+        for first, count in runs:
+            if first < self.head or first + count > self.cursor:
+                raise LeaseError(ErrorCode.UNKNOWN_OFFSET,
+                                 f"offsets {first}..{first + count - 1} are not in flight in "
+                                 f"partition {self.number} (in flight: [{self.head}, "
+                                 f"{self.cursor}))")
+        if sum(count for _, count in runs) > self.cursor - self.head:
+            raise LeaseError(ErrorCode.UNKNOWN_OFFSET, "more offsets than are in flight")
+        if len(runs) == 1:
+            return list(range(runs[0][0], runs[0][0] + runs[0][1]))
+        return [o for first, count in runs for o in range(first, first + count)]
+
+    def _forget_below(self, head: int) -> None:
+        """Drop the run starts and deliveries that the head has passed."""
+        order, starts = self._run_order, self._run_starts
+        while order and order[0][0] < head:
+            starts.pop(order.popleft()[1], None)
+        deliveries = self._deliveries
+        while deliveries and deliveries[0][0] <= head:
+            deliveries.popleft()
 
     # -- ownership -------------------------------------------------------------------------
     def want_owner(self, target: str | None) -> bool:
@@ -252,26 +335,42 @@ class Partition:
                 return True
             return False
 
-    def owner_gone(self) -> int:
+    def owner_gone(self, count_attempt: bool = True) -> int:
         """The owner died or left: release its in-flight records and move the lease.
 
-        Released records go back to the head of the partition with their attempt raised, so
-        the next owner receives them first, in order. Returns how many were released.
+        Released records go back to the head of the partition, so the next owner receives
+        them first, in order; their attempt is raised unless the release was not the records'
+        fault (``count_attempt`` False: a lost session, a clean stop). Returns how many were
+        released.
         """
         with self.lock:
-            released = self._release()
+            released = self._release(count_attempt)
             self._transfer()
             return released
 
-    def _release(self) -> int:
+    def fence(self, count_attempt: bool = True) -> int:
+        """Release what is in flight and start a new epoch (with the same owner, or the next
+        one if the lease was being handed over): late ACKs of the old epoch are refused, the
+        records are delivered again. Returns how many."""
+        with self.lock:
+            released = self._release(count_attempt)
+            if self.handing_over:
+                self._transfer()  # nothing in flight now: the lease moves (a new epoch)
+            else:
+                self.epoch += 1
+            return released
+
+    def _release(self, count_attempt: bool = True) -> int:
         count = 0
         attempts = self._attempts
         for offset in range(self.head, self.cursor):
             if offset not in self._acked:
-                slot = offset % self.capacity
-                attempts[slot] = min(attempts[slot] + 1, MAX_ATTEMPT)
+                if count_attempt:
+                    slot = offset % self.capacity
+                    attempts[slot] = min(attempts[slot] + 1, MAX_ATTEMPT)
                 count += 1
         self.cursor = self.head
+        self._deliveries.clear()
         # Out-of-order ACKs above head stay acknowledged: those records are stored already.
         self.released_total += count
         return count

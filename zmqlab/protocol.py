@@ -33,7 +33,7 @@ import msgspec
 
 from zmqlab.errors import RETRYABLE, ErrorCode, ProtocolError
 
-VERSION = b"ZQL3"
+VERSION = b"ZQL4"  # ZQL4: consumer sessions and sequence numbers (docs/sessions.md)
 EMPTY = b""
 
 # The limits of a record, checked by the broker before it acknowledges anything, and the
@@ -41,6 +41,12 @@ EMPTY = b""
 MAX_ID_CHARS = 128
 MAX_KEY_CHARS = 1024
 MAX_PAYLOAD_BYTES = 1_048_576  # the default; a broker may be configured lower or higher
+MAX_NAME_CHARS = 255  # producer and consumer names (a name is stored with every record)
+# One frame of any message (a PUT part's payloads, a RECORDS batch): every socket sets
+# ZMQ_MAXMSGSIZE to this, so a peer cannot make a node allocate without bound; senders split
+# what is bigger.
+MAX_FRAME_BYTES = 64 * 1_048_576
+SOCKET_HWM = 1000  # messages queued per peer and direction before a socket pushes back
 # 9999-12-31 00:00 UTC in microseconds: past year 9999 neither Python's datetime nor the
 # databases hold a time; a day short, so a consumer's float seconds cannot round past it.
 MAX_CREATED_US = 253_402_214_400_000_000
@@ -118,10 +124,14 @@ def encode_hello_producer(name: str) -> list[bytes]:
     return encode(Command.HELLO, {"role": "producer", "name": name})
 
 
-def encode_err(code: ErrorCode | str, reason: str, **extra: Any) -> list[bytes]:
+def err_header(code: ErrorCode | str, reason: str, **extra: Any) -> dict[str, Any]:
+    """The header of an ERR: ``code``, ``reason``, ``retryable`` (decided by the code)."""
     code = ErrorCode(code)
-    header = {"code": code.value, "reason": reason, "retryable": code in RETRYABLE, **extra}
-    return encode(Command.ERR, header)
+    return {"code": code.value, "reason": reason, "retryable": code in RETRYABLE, **extra}
+
+
+def encode_err(code: ErrorCode | str, reason: str, **extra: Any) -> list[bytes]:
+    return encode(Command.ERR, err_header(code, reason, **extra))
 
 
 def decode(frames: Sequence[bytes]) -> Message:
