@@ -46,11 +46,25 @@ def run_once(records: int, batch: int, size: int, workload: str) -> dict[str, fl
     consumers = [b"9090", b"9091", b"9092"]
     broker.handle_frontend([producer, b"", *proto.encode(
         Command.HELLO, {"role": "producer", "name": "8080"})], now)
+    broker.outbox.clear()
+    sessions: dict[bytes, dict[str, Any]] = {}  # what each consumer echoes (wire ZQL4)
     for name in consumers:
         broker.handle_backend([name, b"", *proto.encode(Command.HELLO)], now)
-        broker.handle_backend([name, b"", *proto.encode(Command.FETCH, {"credit": 10_000})],
-                              now)
+        welcome = proto.decode(broker.outbox[0][1][2:])
+        broker.outbox.clear()
+        token = welcome.header.get("session")
+        sessions[name] = {"session": token, "seq": 1, "seen": 0} if token else {}
+        broker.handle_backend([name, b"", *proto.encode(
+            Command.FETCH, {"credit": 10_000, **sessions[name]})], now)
     broker.outbox.clear()
+
+    def session_of(name: bytes, message: Any = None) -> dict[str, Any]:
+        mine = sessions[name]
+        if mine and message is not None:
+            mine["seen"] = message.header.get("seq", mine["seen"])
+        if mine:
+            mine["seq"] += 1
+        return dict(mine)
 
     payload = json.dumps({"pad": "x" * max(0, size - 10)}).encode()[:size]
     if not payload.endswith(b"}"):
@@ -98,7 +112,8 @@ def run_once(records: int, batch: int, size: int, workload: str) -> dict[str, fl
             for who, message in acks:
                 entries = [{"partition": b["partition"], "epoch": b["epoch"],
                             "offsets": b["offsets"]} for b in message.header["batches"]]
-                messages.append([who, b"", *proto.encode(Command.ACK, {"acks": entries})])
+                messages.append([who, b"", *proto.encode(
+                    Command.ACK, {"acks": entries, **session_of(who, message)})])
             t5 = clock()
             for frames in messages:
                 broker.handle_backend(frames, now)

@@ -31,13 +31,14 @@ from zmqlab import protocol as proto
 from zmqlab.assignment import consumer_order, round_robin
 from zmqlab.config import REPLY_TIMEOUT_MS, BrokerConfig
 from zmqlab.dedupe import DedupeWindow
-from zmqlab.errors import ErrorCode, ProtocolError, Refused, ReplyError
+from zmqlab.errors import ConfigError, ErrorCode, ProtocolError, Refused, ReplyError
 from zmqlab.intake import Intake
 from zmqlab.node import NOBLOCK, Node, bind, new_socket, recv_frames, send_frames
 from zmqlab.parking import ParkedPut, Parking, Part
 from zmqlab.partition import Partition, Taken
 from zmqlab.protocol import MAX_FRAME_BYTES, MAX_NAME_CHARS, Command, Message
 from zmqlab.sessions import ConsumerSession
+from zmqlab.wal import DiskFailure, Fsync, Log, restore
 
 READ_PER_POLL = 256  # messages read per socket per wake-up before timers and delivery run
 
@@ -74,7 +75,13 @@ class Broker(Node):
         self.partitions = [Partition(i, self.config.capacity)
                            for i in range(self.config.partitions)]
         self.dedupe = DedupeWindow(self.config.dedupe_window)
-        self.intake = Intake(self.partitions, self.dedupe, self.config.max_payload_bytes)
+        self.wal: Log | None = None
+        self.recovered = 0
+        if self.config.data_dir is not None:
+            self.wal = self._recover(self.config.data_dir)
+        self.intake = Intake(self.partitions, self.dedupe, self.config.max_payload_bytes,
+                             self.wal)
+        self._next_sync = 0.0
         self.parking = Parking()
         self.consumers: dict[str, ConsumerSession] = {}
         self._order: list[str] = []  # consumer names in assignment order (see assignment.py)
@@ -103,6 +110,44 @@ class Broker(Node):
             Command.BYE: self._bye_consumer,
         }
 
+    def _recover(self, directory: str) -> Log:
+        """Open the log in ``directory`` and rebuild the partitions from it."""
+        began = time.monotonic()
+        wal = Log(directory, self.config.partitions, fsync=Fsync(self.config.fsync),
+                  segment_bytes=self.config.segment_bytes)
+        try:
+            self.recovered = restore(wal, self.partitions)
+            wal.open(self._positions())
+        except (ValueError, OSError) as exc:
+            wal.close()
+            raise ConfigError(f"cannot recover the log in {directory}: {exc}") from None
+        except BaseException:
+            wal.close()
+            raise
+        for partition in self.partitions:
+            self.dedupe.hold(partition.held_ids())
+            partition.on_release = wal.release
+        if self.recovered:
+            self.log.info("recovered %d record(s) from %s in %.2f s", self.recovered, directory,
+                          time.monotonic() - began)
+        return wal
+
+    def _positions(self) -> list[list[int]]:
+        return [[p.head, p.tail] for p in self.partitions]
+
+    def _sync(self, now: float) -> None:
+        """Group commit: what this pass wrote is made durable before its ACKs go out."""
+        wal = self.wal
+        if wal is None or wal.fsync is Fsync.OFF:
+            return
+        if wal.fsync is Fsync.BATCH or now >= self._next_sync:
+            self._next_sync = now + self.config.fsync_interval_ms / 1000
+            try:
+                wal.sync()
+            except DiskFailure as exc:
+                self.log.error("%s", exc)
+                raise
+
     # -- loop --------------------------------------------------------------------------------
     def serve(self, control: zmq.Socket[Any]) -> None:
         # MANDATORY turns a send to a vanished peer (EHOSTUNREACH) or to one whose pipe is full
@@ -127,6 +172,8 @@ class Broker(Node):
         finally:
             frontend.close(500)  # let the last replies (UNAVAILABLE to parked PUTs) go out
             backend.close(0)
+            if self.wal is not None:
+                self.wal.close()
 
     def _loop(self, control: zmq.Socket[Any], frontend: zmq.Socket[Any],
               backend: zmq.Socket[Any]) -> None:
@@ -149,6 +196,7 @@ class Broker(Node):
                               self.config.drain_timeout_s)
                 self.unpark(now)  # parked PUTs learn at once that the broker is going away
             if self.stopping_until is not None and self._drained(now):
+                self._sync(now)
                 self._flush(sockets, now)
                 return
             if frontend in events:
@@ -161,6 +209,7 @@ class Broker(Node):
             if self.parking:
                 self.unpark(now)
             self.deliver(now)
+            self._sync(now)
             self._flush(sockets, now)
 
     @staticmethod
@@ -297,9 +346,12 @@ class Broker(Node):
         held = sum(p.depth for p in self.partitions)
         if held and self.consumers and now < (self.stopping_until or now):
             return False
-        if held:
+        if held and self.wal is None:
             self.log.warning("broker stopped holding %d record(s) that no consumer stored: they "
                              "are lost (the broker keeps records in memory)", held)
+        elif held:
+            self.log.info("broker stopped holding %d record(s) that no consumer stored yet: "
+                          "they stay in its log and are delivered after a restart", held)
         self.log.info("broker stopped")
         return True
 
@@ -514,6 +566,8 @@ class Broker(Node):
         if not isinstance(dead, list):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "dead must be a list of offsets")
         settled = self.partitions[number].ack(state.name, epoch, runs, dead)
+        if self.wal is not None:
+            self.wal.ack(number, runs, dead)
         count = sum(run[1] for run in runs)
         state.acked += count
         self.counters["acked"] += count
@@ -651,6 +705,9 @@ class Broker(Node):
                     ErrorCode.NOT_REGISTERED, f"session reset: {problem}; say HELLO",
                     session=token))
         self._expire_deliveries(now)
+        if self.wal is not None:
+            self.wal.maybe_roll(self._positions())
+            self.wal.delete_settled([p.head for p in self.partitions])
         waiting = {parked.route[0] for parked in self.parking}  # a REQ producer cannot send
         for identity, producer in list(self.producers.items()):  # heartbeats while it waits
             if now - producer.last_seen > expiry and identity not in waiting:
@@ -687,6 +744,9 @@ class Broker(Node):
         """Status of every partition, consumer and producer; called on the broker thread."""
         now = self.clock() if now is None else now
         partitions = [p.snapshot() for p in self.partitions]
+        if self.wal is not None:
+            for snap, disk in zip(partitions, self.wal.disk_use(), strict=True):
+                snap.update(disk)
         consumers = []
         for name in sorted(self.consumers, key=consumer_order):
             state = self.consumers[name]
@@ -707,4 +767,8 @@ class Broker(Node):
             "counters": dict(self.counters),
             "waiting_puts": len(self.parking),
             "held_ids": len(self.dedupe.held),
+            "log": None if self.wal is None else {
+                "dir": self.wal.directory, "fsync": self.wal.fsync.value,
+                "syncs": self.wal.syncs, "synced_entries": self.wal.synced_entries,
+                "segments": len(self.wal.segments), "recovered": self.recovered},
         }

@@ -27,6 +27,7 @@ def _endpoint(name: str, value: str) -> None:
                           f"got {value!r}")
 
 
+FSYNC_MODES = ("batch", "interval", "off")
 REPLY_TIMEOUT_MS = 2500  # how long producers and clients wait for a reply before retrying
 
 
@@ -47,6 +48,11 @@ class BrokerConfig:
     put_wait_ms: int = 500  # a PUT that does not fit waits this long for room (0: refuse now);
     # keep it well under the producers' reply timeout (2500 ms by default)
     ack_timeout_ms: int = 30_000  # records in flight this long at one consumer are released
+    data_dir: str | None = None  # the write-ahead log's directory; None keeps records in memory
+    fsync: str = "batch"  # batch: ACK after fsync; interval: fsync every fsync_interval_ms;
+    # off: the kernel decides (see zmqlab.wal.Fsync)
+    fsync_interval_ms: int = 1000
+    segment_bytes: int = 64 * 1_048_576  # a log segment is closed past this size
     tick_ms: int = 100
 
     def __post_init__(self) -> None:
@@ -64,6 +70,10 @@ class BrokerConfig:
         _positive("drain_timeout_s", self.drain_timeout_s, 0)
         _positive("put_wait_ms", self.put_wait_ms, 0)
         _positive("ack_timeout_ms", self.ack_timeout_ms, 10)
+        if self.fsync not in FSYNC_MODES:
+            raise ConfigError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {self.fsync!r}")
+        _positive("fsync_interval_ms", self.fsync_interval_ms)
+        _positive("segment_bytes", self.segment_bytes, 4096)
         _positive("tick_ms", self.tick_ms)
         if self.max_payload_bytes > MAX_FRAME_BYTES:
             raise ConfigError(f"max_payload_bytes must be at most {MAX_FRAME_BYTES} (one frame)")

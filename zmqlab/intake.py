@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from zmqlab import protocol as proto
 from zmqlab.dedupe import DedupeWindow
 from zmqlab.errors import ErrorCode
 from zmqlab.partition import Partition
 from zmqlab.protocol import MAX_CREATED_US, MAX_ID_CHARS, MAX_KEY_CHARS
+
+
+class Journal(Protocol):
+    def append(self, partition: int, first: int, producer: str, ids: Sequence[str],
+               keys: Sequence[str | None], created_us: Sequence[int],
+               payloads: Sequence[bytes]) -> None: ...
+
 
 Need = tuple[int, dict[int, int]]
 """The room a PUT waits for: (keyless records, keyed records per partition)."""
@@ -66,10 +73,11 @@ class Intake:
     """Stores PUT parts into ``partitions``, deduplicated against ``window``."""
 
     def __init__(self, partitions: list[Partition], window: DedupeWindow,
-                 max_payload_bytes: int) -> None:
+                 max_payload_bytes: int, journal: Journal | None = None) -> None:
         self.partitions = partitions
         self.window = window
         self.max_payload_bytes = max_payload_bytes
+        self.journal = journal  # the broker's log: a run is written there before it counts
         self._next_keyless = 0  # the partition the next keyless run starts at
 
     # -- a part ------------------------------------------------------------------------------
@@ -212,15 +220,24 @@ class Intake:
         runs: list[list[int]] = []
         for number, indices in keyed.items():
             partition = partitions[number]
-            for i in self._append(partition, indices, columns, payloads, producer, runs):
+            try:
+                left = self._append(partition, indices, columns, payloads, producer, runs)
+            except OSError as exc:
+                self._unwritten(indices, exc, errors)
+                continue
+            for i in left:
                 errors.append([i, _FULL, f"partition {number} is full "
                                f"({partition.capacity} records); retry later", True])
         if keyless:
             start = self._next_keyless
             self._next_keyless = (start + 1) % count
             for step in range(count):
-                keyless = self._append(partitions[(start + step) % count], keyless, columns,
-                                       payloads, producer, runs)
+                try:
+                    keyless = self._append(partitions[(start + step) % count], keyless, columns,
+                                           payloads, producer, runs)
+                except OSError as exc:
+                    self._unwritten(keyless, exc, errors)
+                    keyless = []
                 if not keyless:
                     break
             for i in keyless:
@@ -229,9 +246,16 @@ class Intake:
         runs.sort()
         return runs
 
+    @staticmethod
+    def _unwritten(indices: list[int], exc: OSError, errors: list[list[Any]]) -> None:
+        """Records whose log write failed are refused, retryably: nothing unwritten is acked."""
+        errors.extend([i, ErrorCode.UNAVAILABLE.value, f"the broker could not write its log "
+                       f"({exc.strerror or exc}); retry later", True] for i in indices)
+
     def _append(self, partition: Partition, indices: list[int], columns: Columns,
                 payloads: list[bytes], producer: str, runs: list[list[int]]) -> list[int]:
-        """Append what fits of ``indices`` to one partition; return the indices left over."""
+        """Append what fits of ``indices`` to one partition (and to the journal); return the
+        indices left over. OSError, with the partition as it was, if the journal failed."""
         room = partition.room
         if room <= 0:
             return indices
@@ -246,6 +270,13 @@ class Intake:
             created = [columns.created_us[i] for i in indices]
             chosen = [payloads[i] for i in indices]
         first, stored = partition.extend(ids, keys, producer, created, chosen)
+        if self.journal is not None and stored:
+            try:
+                self.journal.append(partition.number, first, producer, ids[:stored],
+                                    keys[:stored], created[:stored], chosen[:stored])
+            except OSError:
+                partition.truncate(first)
+                raise
         self.window.hold(ids[:stored])
         number = partition.number
         if stored and indices[stored - 1] - indices[0] == stored - 1:  # consecutive: one run

@@ -23,7 +23,7 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import Any, NamedTuple
 
@@ -90,6 +90,9 @@ class Partition:
         self._run_order: deque[tuple[int, str]] = deque()
         # (end offset, time) of every delivery still in flight, oldest first: the deadline.
         self._deliveries: deque[tuple[int, float]] = deque()
+        # Told of every release (partition, first, end, counted): the broker's log keeps
+        # attempt counts across restarts.
+        self.on_release: Callable[[int, int, int, bool], None] | None = None
         self.owner: str | None = None
         self.epoch = 0
         self.target: str | None = None  # the next owner, once the current one settles
@@ -262,35 +265,42 @@ class Partition:
             head, count = self.head, len(offsets)
             contiguous = (not self._acked and head + count <= self.cursor
                           and offsets == list(range(head, head + count)))
-            if not contiguous:  # the general case: allow out-of-order
-                if self._acked.intersection(offsets) or len(set(offsets)) != count:
-                    raise LeaseError(ErrorCode.UNKNOWN_OFFSET,
-                                     f"an offset is acknowledged twice in partition "
-                                     f"{self.number}")
-                self._acked.update(offsets)
-                count = 0
-                while head + count in self._acked:
-                    self._acked.discard(head + count)
-                    count += 1
-            self._dead.update(dead)
-            removed: list[str] = []
-            for start, stop, _, _ in self._spans(head, count) if count else ():
-                removed.extend(self._ids[start:stop])  # type: ignore[arg-type]
-                nothing = [None] * (stop - start)
-                self._ids[start:stop] = nothing
-                self._keys[start:stop] = nothing
-                self._producers[start:stop] = nothing
-                self._payloads[start:stop] = nothing
-            self.head = head + count
-            self.acked_total += len(offsets)
-            buried: set[int] = set()
-            if self._dead and count:
-                buried = self._dead.intersection(range(head, self.head))
-                self._dead -= buried
-            self._forget_below(self.head)
+            if not contiguous and (self._acked.intersection(offsets)
+                                   or len(set(offsets)) != count):
+                raise LeaseError(ErrorCode.UNKNOWN_OFFSET,
+                                 f"an offset is acknowledged twice in partition {self.number}")
+            settled = self._settle(offsets, dead, contiguous)
             if self.handing_over and self.cursor == self.head:
                 self._transfer()
-            return Settled(head, removed, buried)
+            return settled
+
+    def _settle(self, offsets: list[int], dead: Sequence[int], contiguous: bool) -> Settled:
+        """Mark ``offsets`` acknowledged and remove the run from the head that is now done."""
+        head, count = self.head, len(offsets)
+        if not contiguous:  # the general case: out-of-order ACKs wait above the head
+            self._acked.update(offsets)
+            count = 0
+            while head + count in self._acked:
+                self._acked.discard(head + count)
+                count += 1
+        self._dead.update(dead)
+        removed: list[str] = []
+        for start, stop, _, _ in self._spans(head, count) if count else ():
+            removed.extend(self._ids[start:stop])  # type: ignore[arg-type]
+            nothing = [None] * (stop - start)
+            self._ids[start:stop] = nothing
+            self._keys[start:stop] = nothing
+            self._producers[start:stop] = nothing
+            self._payloads[start:stop] = nothing
+        self.head = head + count
+        self.cursor = max(self.cursor, self.head)
+        self.acked_total += len(offsets)
+        buried: set[int] = set()
+        if self._dead and count:
+            buried = self._dead.intersection(range(head, self.head))
+            self._dead -= buried
+        self._forget_below(self.head)
+        return Settled(head, removed, buried)
 
     def _in_flight(self, runs: Sequence[Any]) -> list[int]:
         """The offsets of ``runs``, each checked to be in flight before any is expanded."""
@@ -361,6 +371,8 @@ class Partition:
             return released
 
     def _release(self, count_attempt: bool = True) -> int:
+        if self.on_release is not None and self.cursor > self.head:
+            self.on_release(self.number, self.head, self.cursor, count_attempt)
         count = 0
         attempts = self._attempts
         for offset in range(self.head, self.cursor):
@@ -381,6 +393,72 @@ class Partition:
         if self.owner != self.target:
             self.owner = self.target
             self.epoch += 1
+
+    # -- recovery from the broker's log ---------------------------------------------------------
+    def restore_position(self, tail: int) -> None:
+        """Offsets below ``tail`` were all acknowledged (their log segments are gone): an
+        empty partition starts there, so offsets never go backwards."""
+        with self.lock:
+            if self.tail < tail and self.head == self.tail:
+                self.head = self.cursor = self.tail = tail
+
+    def restore_append(self, first: int, ids: list[str], keys: list[str | None], producer: str,
+                       created_us: list[int], payloads: list[bytes]) -> None:
+        """Replay an appended run (nothing in flight during recovery)."""
+        if first + len(ids) <= self.tail:
+            return
+        if first != self.tail:
+            raise ValueError(f"partition {self.number}: the log appends at {first} but the "
+                             f"partition ends at {self.tail}")
+        _, stored = self.extend(ids, keys, producer, created_us, payloads)
+        if stored < len(ids):
+            raise ValueError(f"partition {self.number}: the log holds more records than its "
+                             f"capacity ({self.capacity}); start with a larger --capacity")
+        self.cursor = self.head
+
+    def restore_ack(self, runs: list[list[int]], dead: list[int]) -> None:
+        """Replay settled runs; what is already below the head is skipped."""
+        with self.lock:
+            offsets = [o for first, count in runs for o in range(first, first + count)
+                       if self.head <= o < self.tail and o not in self._acked]
+            if offsets:
+                self.cursor = self.tail
+                self._settle(offsets, [o for o in dead if o in set(offsets)], False)
+                self.cursor = self.head
+
+    def restore_release(self, start: int, end: int, counted: bool) -> None:
+        """Replay a release: the records not acknowledged then get their attempt raised."""
+        if not counted:
+            return
+        with self.lock:
+            attempts = self._attempts
+            for offset in range(max(start, self.head), min(end, self.tail)):
+                if offset not in self._acked:
+                    slot = offset % self.capacity
+                    attempts[slot] = min(attempts[slot] + 1, MAX_ATTEMPT)
+
+    def held_ids(self) -> list[str]:
+        """The ids of every record held, in offset order."""
+        with self.lock:
+            ids: list[str] = []
+            for start, stop, _, _ in self._spans(self.head, self.depth) if self.depth else ():
+                ids.extend(self._ids[start:stop])  # type: ignore[arg-type]
+            return ids
+
+    def truncate(self, tail: int) -> None:
+        """Take back the records appended from ``tail`` on (their log write failed)."""
+        with self.lock:
+            for start, stop, _, _ in self._spans(tail, self.tail - tail) if self.tail > tail \
+                    else ():
+                nothing = [None] * (stop - start)
+                self._ids[start:stop] = nothing
+                self._keys[start:stop] = nothing
+                self._producers[start:stop] = nothing
+                self._payloads[start:stop] = nothing
+            self.appended_total -= self.tail - tail
+            self.tail = tail
+            if self._run_order and self._run_order[-1][0] >= tail:
+                self._run_starts.pop(self._run_order.pop()[1], None)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
