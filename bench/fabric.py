@@ -203,6 +203,8 @@ class Run:
     broker_peak_rss_mb: float | None = None
     cpu_s: dict[str, float] = field(default_factory=dict)  # per role, during the run
     refused: int = 0
+    log: dict[str, Any] | None = None  # the broker's log figures (durable runs)
+    seconds: float = 0.0  # from the first send to the last ACK
     note: str = ""
 
 
@@ -374,16 +376,20 @@ SEED_CAPACITY = 10_000  # records per partition, as `zmqlab broker` and `zmqlab 
 def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
                records: int, partitions: int = 6, consumers: int = 3, rate: float = 0.0,
                profile_dir: Path | None = None, batch: int | None = None,
-               capacity: int = SEED_CAPACITY) -> Run:
-    """Start a topology, load it from 3 client processes, verify the database, stop it."""
+               capacity: int = SEED_CAPACITY, durable: bool = False) -> Run:
+    """Start a topology, load it from 3 client processes, verify the database, stop it;
+    ``durable``: the broker writes its log (``--fsync batch``) in the temp dir."""
     batch = batch or args.batch
     slug = "".join(c if c.isalnum() else "-" for c in name)
     db_url = fresh_db(args, tmp, slug)
+    broker_args = tuple(args.broker_arg)
+    if durable:
+        broker_args += ("--data-dir", str(tmp / f"data-{slug}"), "--fsync", "batch")
     topology = Topology(frontend_port=base, backend_port=base + 1, producers=3,
                         producer_port=base + 10, consumers=consumers, consumer_port=base + 20,
                         partitions=partitions, capacity=capacity, db_url=db_url,
                         log_level="warning",
-                        consumer_args=tuple(args.consumer_arg), broker_args=tuple(args.broker_arg))
+                        consumer_args=tuple(args.consumer_arg), broker_args=broker_args)
     supervisor = Supervisor(topology, log_dir=str(tmp / f"logs-{slug}"))
     run = Run(name, records=records)
     ctx = _spawn()
@@ -425,6 +431,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
         latencies = sorted(x for p in parts for x in p["latencies"])  # (seconds, records)
         acked = sum(p["json"]["acked"] for p in parts)
         ack_seconds = max(p["json"]["seconds"] for p in parts)
+        run.seconds = ack_seconds
         run.refused = sum(p["json"]["refused"] for p in parts)
         run.ack_rps = acked / ack_seconds if ack_seconds else None
         run.ack_p50_ms = _ms(weighted_percentile(latencies, 50))
@@ -443,6 +450,7 @@ def run_zmqlab(args: argparse.Namespace, tmp: Path, base: int, *, name: str,
             why = ", ".join(f"{c} x{n} ({reasons[c][:80]})" for c, n in codes.items())
             run.note = f"acked {acked} of {records}, refused {run.refused}: {why}"
         snap = query_status(topology.frontend, timeout_ms=2000)
+        run.log = snap.get("log")
         run.note += "" if all(p["depth"] == 0 for p in snap["partitions"]) else " queue not empty"
     finally:
         _profile_stop(spies)
@@ -554,6 +562,47 @@ def run_memory(args: argparse.Namespace, tmp: Path, base: int) -> dict[str, Any]
             "fill_rps": report.acked / seconds if seconds else None}
 
 
+def run_recovery(args: argparse.Namespace, tmp: Path, base: int) -> dict[str, Any]:
+    """A durable broker takes ``--recovery`` records with no consumer, is killed (SIGKILL:
+    what it acknowledged is on disk), and starts again on its log: how long accepting took
+    against how long recovery took, until the broker answers STATS with every record held."""
+    queued = args.recovery
+    partitions = 6
+    capacity = math.ceil(queued / partitions) + 1000
+    data_dir = tmp / "data-recovery"
+    topology = Topology(frontend_port=base, backend_port=base + 1, producers=0, consumers=0,
+                        partitions=partitions, capacity=capacity,
+                        db_url=f"sqlite:///{tmp / 'recovery.db'}", log_level="warning",
+                        broker_args=("--data-dir", str(data_dir), "--fsync", "batch"))
+    supervisor = Supervisor(topology, log_dir=str(tmp / "logs-recovery"))
+    try:
+        supervisor.start(ready_timeout_s=60)
+        began = time.monotonic()
+        report = run_load(LoadOptions((topology.frontend,), records=queued, size=args.size,
+                                      clients=4, batch=200, deadline_s=max(60.0, queued / 2000)))
+        accept_s = time.monotonic() - began
+        supervisor.kill(supervisor.find("broker", "broker"))
+        began = time.monotonic()
+        role, name, argv = topology.commands()[0]
+        supervisor.spawn(role, name, argv)
+        deadline = began + max(120.0, accept_s * 3)
+        while True:
+            try:
+                snap = query_status(topology.frontend, timeout_ms=500)
+                break
+            except Exception:  # not up yet
+                if time.monotonic() > deadline:
+                    raise
+        recover_s = time.monotonic() - began
+        held = sum(p["depth"] for p in snap["partitions"])
+        disk = sum(p.get("disk_bytes", 0) for p in snap["partitions"])
+    finally:
+        supervisor.stop()
+    return {"queued": queued, "acked": report.acked, "held": held, "accept_s": accept_s,
+            "recover_s": recover_s, "ratio": recover_s / accept_s if accept_s else None,
+            "disk_mb": disk / 1e6}
+
+
 # -- report ------------------------------------------------------------------------------------
 def _fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
     if value is None:
@@ -596,6 +645,8 @@ class Results:
     scaling: dict[str, list[Run]] = field(default_factory=dict)
     batches: dict[int, tuple[Run, Run]] = field(default_factory=dict)  # other batch sizes
     memory: dict[str, Any] | None = None
+    durable: list[Run] = field(default_factory=list)  # one per repeat, beside pairs[i][0]
+    recovery: dict[str, Any] | None = None
     profiled: Run | None = None
     profiles: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
 
@@ -609,6 +660,7 @@ class Results:
         runs = [r for pair in self.pairs for r in pair]
         runs += [r for group in self.scaling.values() for r in group]
         runs += [r for pair in self.batches.values() for r in pair]
+        runs += self.durable
         return runs + [r for r in (self.half, self.profiled) if r is not None]
 
 
@@ -738,6 +790,33 @@ def render(args: argparse.Namespace, results: Results, elapsed_s: float) -> str:
                   f"the payload bytes** (peak minus the idle broker; target ≤ 2×), "
                   f"{memory['per_million_mb']:.0f} MB per 1,000,000 records; "
                   f"{memory['records_mb']:.0f} MB of it after the rings were allocated."]
+    if results.durable:
+        memory_rps = _median([z.throughput_rps for z, _ in results.pairs])
+        durable_rps = _median([d.throughput_rps for d in results.durable])
+        lines += ["", "## Durable (`--data-dir`, `--fsync batch`) beside memory mode", "",
+                  "| run | records/s | ack p50 | ack p99 | e2e p50 | e2e p99 | "
+                  "broker CPU s | broker peak RSS | lost | dup |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [_row(d) for d in results.durable]
+        syncs = [(d.log or {}).get("syncs", 0) for d in results.durable]
+        entries = [(d.log or {}).get("synced_entries", 0) for d in results.durable]
+        per_s = [n / d.seconds for n, d in zip(syncs, results.durable, strict=True) if d.seconds]
+        per_sync = [d.records / n for n, d in zip(syncs, results.durable, strict=True) if n]
+        per_entry = [e / n for e, n in zip(entries, syncs, strict=True) if n]
+        ratio = durable_rps / memory_rps if memory_rps else 0.0
+        verdict = "meets" if ratio >= 0.8 else "misses"
+        lines += ["", f"**Durable / memory: {ratio:.2f}** (medians {durable_rps:,.0f} / "
+                  f"{memory_rps:,.0f} records/s) — {verdict} the 0.8 target. fsyncs per second: "
+                  f"{', '.join(f'{x:,.0f}' for x in per_s) or '-'}; records per fsync: "
+                  f"{', '.join(f'{x:,.0f}' for x in per_sync) or '-'}; log entries per fsync: "
+                  f"{', '.join(f'{x:,.1f}' for x in per_entry) or '-'}."]
+    rec = results.recovery
+    if rec is not None:
+        verdict = "meets" if rec["ratio"] is not None and rec["ratio"] < 1 else "misses"
+        lines += ["", f"Recovery: {rec['held']:,} of {rec['acked']:,} acknowledged records "
+                  f"back after a SIGKILL in {rec['recover_s']:.1f} s; accepting them took "
+                  f"{rec['accept_s']:.1f} s (ratio {rec['ratio']:.2f}, {verdict} the < 1 target); "
+                  f"{rec['disk_mb']:.0f} MB of payload in the log."]
     if results.profiles:
         rate = results.profiled.throughput_rps if results.profiled else 0
         lines += ["", "## Where the time goes (py-spy)", "",
@@ -780,6 +859,11 @@ def main() -> None:
     parser.add_argument("--batches", default="50,200,500",
                         help="other records-per-request sizes to compare (one run of each path "
                              "per size, comma-separated; empty for none)")
+    parser.add_argument("--durable", action="store_true",
+                        help="beside each zmqlab run, one with the broker's log (--fsync batch), "
+                        "and a recovery of --recovery records")
+    parser.add_argument("--recovery", type=int, default=1_000_000,
+                        help="records a durable broker holds when it is killed and restarted")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-half-rate", action="store_true")
@@ -820,6 +904,12 @@ def main() -> None:
                   "topology …", flush=True)
             zmqlab = run_zmqlab(args, tmp, base, name=f"zmqlab #{i}", records=args.records)
             _show(zmqlab)
+            if args.durable:
+                print(f"[{i}/{args.repeat}] zmqlab, durable (--fsync batch) …", flush=True)
+                durable = run_zmqlab(args, tmp, base + 400, name=f"zmqlab durable #{i}",
+                                     records=args.records, durable=True)
+                _show(durable)
+                results.durable.append(durable)
             print(f"[{i}/{args.repeat}] ceiling: {args.records} records PUSHed straight to "
                   "consumers …", flush=True)
             ceiling = run_ceiling(args, tmp, base + 100, args.records, name=f"ceiling #{i}")
@@ -869,6 +959,12 @@ def main() -> None:
             memory = results.memory
             print(f"  grown {memory['grown_mb']:.0f} MB for {memory['payload_mb']:.0f} MB "
                   f"of payload ({memory['ratio']:.2f}×)", flush=True)
+        if args.durable and args.recovery:
+            print(f"recovery: {args.recovery} records in a durable broker's log …", flush=True)
+            results.recovery = run_recovery(args, tmp, base + 950)
+            rec = results.recovery
+            print(f"  accepted in {rec['accept_s']:.1f} s, recovered in {rec['recover_s']:.1f} s",
+                  flush=True)
         if args.profile:
             profile_dir = tmp / "profile"
             profile_dir.mkdir()

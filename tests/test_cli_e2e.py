@@ -186,3 +186,71 @@ def test_dead_letters_are_listed_and_unknown_ids_are_reported(tmp_path: Path):
     missing = run("dead", "replay", "--db", db_url, "--id", "nope", "--to",
                   f"tcp://127.0.0.1:{free_port()}", "--timeout-ms", "200", "--retries", "0")
     assert missing.returncode == 1 and "not a dead letter: nope" in missing.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (["broker", "--ack-timeout-ms", "5"], "--ack-timeout-ms"),
+    (["producer", "--max-pending-bytes", "1000"], "--max-pending-bytes"),
+])
+def test_the_new_limits_refuse_values_that_cannot_work(args, option):
+    result = run(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert option in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_producer_service_takes_its_byte_bound_from_the_command_line():
+    # Given a producer service started with a backlog bound in bytes (and no broker)
+    port = free_port()
+    process = subprocess.Popen(
+        [*ZMQLAB, "producer", "--port", str(port), "--host", "127.0.0.1",
+         "--broker", f"tcp://127.0.0.1:{free_port()}", "--max-pending-bytes", "100000000",
+         "--log-level", "warning"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        from zmqlab.errors import BrokerUnavailable
+        from zmqlab.topology import query_status
+
+        def status() -> Any:
+            try:
+                return query_status(f"tcp://127.0.0.1:{port}", timeout_ms=300)
+            except BrokerUnavailable:
+                return None
+
+        # Then its status shows that bound
+        snap = wait_until(status, what="the producer service to answer")
+        assert (snap["max_pending_bytes"], snap["pending_bytes"]) == (100_000_000, 0)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+
+
+def test_a_broker_passes_its_ack_timeout_to_consumers_in_its_welcome():
+    """Needs the broker side of consumer sessions (docs/sessions.md: WELCOME carries
+    ``ack_timeout_ms``)."""
+    import zmq
+
+    from zmqlab import protocol as proto
+    from zmqlab.protocol import Command
+
+    front, back = free_port(), free_port()
+    process = subprocess.Popen(
+        [*ZMQLAB, "broker", "--frontend", f"tcp://127.0.0.1:{front}",
+         "--backend", f"tcp://127.0.0.1:{back}", "--ack-timeout-ms", "1234",
+         "--log-level", "warning"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ctx = zmq.Context()
+    consumer = ctx.socket(zmq.DEALER)
+    consumer.setsockopt(zmq.LINGER, 0)
+    consumer.setsockopt(zmq.IDENTITY, b"9999")
+    consumer.connect(f"tcp://127.0.0.1:{back}")
+    try:
+        consumer.send_multipart([b"", *proto.encode(Command.HELLO, {"role": "consumer"})])
+        assert consumer.poll(15_000), "no WELCOME within 15 s"
+        welcome = proto.decode(consumer.recv_multipart()[1:])
+        assert welcome.command is Command.WELCOME
+        assert welcome.header["ack_timeout_ms"] == 1234
+    finally:
+        consumer.close(0)
+        ctx.term()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err

@@ -143,3 +143,104 @@ def test_a_producer_service_keeps_serving_after_an_unexpected_error(ctx, endpoin
     finally:
         client.close(0)
         service.stop()
+
+
+# -- every socket is bounded: high-water marks and a largest frame ----------------------------
+def test_new_socket_bounds_every_socket_unless_its_caller_says_otherwise(ctx):
+    from zmqlab.node import new_socket
+
+    bounded = new_socket(ctx, zmq.DEALER)
+    unbounded = new_socket(ctx, zmq.DEALER, sndhwm=0, maxmsgsize=-1)
+    try:
+        assert bounded.getsockopt(zmq.LINGER) == 0
+        assert bounded.getsockopt(zmq.SNDHWM) == bounded.getsockopt(zmq.RCVHWM) \
+            == proto.SOCKET_HWM
+        assert bounded.getsockopt(zmq.MAXMSGSIZE) == proto.MAX_FRAME_BYTES
+        assert unbounded.getsockopt(zmq.SNDHWM) == 0
+        assert unbounded.getsockopt(zmq.MAXMSGSIZE) == -1
+        assert unbounded.getsockopt(zmq.RCVHWM) == proto.SOCKET_HWM
+    finally:
+        bounded.close(0)
+        unbounded.close(0)
+
+
+def test_a_peer_sending_a_frame_larger_than_max_frame_bytes_is_disconnected(ctx):
+    """Given a node's ROUTER on TCP and a peer watched by a socket monitor,
+    when the peer sends one frame a byte over MAX_FRAME_BYTES,
+    then the node drops the peer's connection instead of taking the frame,
+    and still serves the peer's next (reasonable) request after it reconnects."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    from zmqlab.node import new_socket
+
+    server = new_socket(ctx, zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    monitor = peer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    peer.connect(f"tcp://127.0.0.1:{port}")
+
+    def next_event() -> int:
+        assert monitor.poll(10_000), "no connection event within 10 s"
+        return int(recv_monitor_message(monitor)["event"])
+
+    try:
+        assert next_event() == zmq.EVENT_CONNECTED
+        peer.send_multipart([b"", b"x" * (proto.MAX_FRAME_BYTES + 1)])
+        assert next_event() == zmq.EVENT_DISCONNECTED
+        assert not server.poll(0)  # nothing of it was delivered
+        assert next_event() == zmq.EVENT_CONNECTED  # ZeroMQ reconnects on its own
+        peer.send_multipart([b"", b"small"])
+        assert recv(server, 5.0)[1:] == [b"", b"small"]
+    finally:
+        peer.disable_monitor()
+        monitor.close(0)
+        peer.close(0)
+        server.close(0)
+
+
+# -- runner: a stop that times out ends the process with one line -----------------------------
+STUCK_NODE = """
+import threading
+from zmqlab.node import Node
+from zmqlab.runner import run_node
+
+class Stuck(Node):
+    kind = "broker"
+
+    def serve(self, control):
+        self.bound()
+        print("serving", flush=True)
+        threading.Event().wait(120)  # never looks at its control socket
+
+    def stop(self, timeout_s=15.0):
+        super().stop(0.5)  # a short wait, so that the test does not take 15 s
+
+run_node(Stuck(None))
+print("run_node returned", flush=True)
+"""
+
+
+def test_a_node_that_does_not_stop_in_time_ends_the_process_with_one_line_and_code_1():
+    """Given a node that never looks at its control socket, run by ``runner.run_node``,
+    when SIGTERM asks it to stop and the stop times out,
+    then stderr holds one line saying so, no traceback, and the exit code is 1."""
+    import select
+    import signal
+
+    process = subprocess.Popen([sys.executable, "-c", STUCK_NODE], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready and process.stdout.readline() == "serving\n"
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 1, (out, err)
+    assert "Traceback" not in err
+    assert err.splitlines() == ["error: broker did not stop within 0.5 s; exiting anyway"]
+    assert "returned" not in out

@@ -298,3 +298,23 @@ def test_pipelined_puts_parked_at_the_broker_get_their_own_answers(ctx, db_url,
     if window > 1:  # four PUTs of 10 at once cannot all fit in 20: some were parked
         assert fabric.broker.counters["waited"] > 0
     assert sum(n for _, n in report.ack_latencies) == 80
+
+
+def test_closing_says_bye_and_waits_for_its_answer_a_bounded_time(ctx, url) -> None:
+    # Given a client registered with a peer
+    server = _router(ctx, url)
+    client = PipelinedProducer(url, context=ctx, window=1, timeout_ms=5000)
+    client.submit(_records(1, "bye-"), token="x")
+    _welcome(server)
+    route, _ = _next(server)
+    _answer(server, route, _ack([[0, 1, 0, 0]]))
+    assert _collect(client, 1)[0].outcome.acked == 1
+    # When it is closed while the peer does not answer the BYE
+    began = time.monotonic()
+    client.close()
+    # Then the BYE went out (the peer forgets the client now, not when it expires), and the
+    # close waited no longer than its bound
+    assert time.monotonic() - began < 2.0
+    _, bye = _next(server)
+    assert bye.command is Command.BYE and client.socket is None
+    server.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zmqlab.errors import ConfigError
-from zmqlab.protocol import MAX_FRAME_BYTES, MAX_PAYLOAD_BYTES
+from zmqlab.protocol import MAX_FRAME_BYTES, MAX_NAME_CHARS, MAX_PAYLOAD_BYTES
 
 DEFAULT_FRONTEND = "tcp://*:5555"
 DEFAULT_BACKEND = "tcp://*:5556"
@@ -99,8 +99,9 @@ class ProducerConfig:
     tick_ms: int = 100
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("producer name must not be empty")
+        if not 0 < len(self.name) <= MAX_NAME_CHARS or "\x00" in self.name:
+            raise ConfigError(f"producer name must be 1 to {MAX_NAME_CHARS} characters without "
+                              f"NUL, got {self.name!r:.60}")
         _endpoint("broker", self.broker)
         if self.ingress is not None:
             _endpoint("ingress", self.ingress)

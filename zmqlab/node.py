@@ -78,11 +78,23 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+# Every socket's bounds unless its caller passes its own (``sndhwm=0`` and the like).
+SOCKET_DEFAULTS: dict[str, int] = {"linger": 0, "sndhwm": proto.SOCKET_HWM,
+                                   "rcvhwm": proto.SOCKET_HWM,
+                                   "maxmsgsize": proto.MAX_FRAME_BYTES}
+
+
 def new_socket(context: zmq.Context[Any], kind: int, **options: Any) -> zmq.Socket[Any]:
-    """A socket with ``linger=0`` (a node that stops never blocks on unsent messages)."""
+    """A socket with ``SOCKET_DEFAULTS`` set, then ``options`` (which win).
+
+    On purpose on every socket: ``linger=0``, so a node that stops never blocks on unsent
+    messages; high-water marks of ``SOCKET_HWM`` messages per peer and direction, so a peer
+    that does not read makes its sender push back instead of grow; and ``MAXMSGSIZE`` of
+    ``MAX_FRAME_BYTES``, so a peer cannot make a node allocate a frame without bound (ZeroMQ
+    drops the connection of a peer that sends a bigger one).
+    """
     sock: zmq.Socket[Any] = context.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    for name, value in options.items():
+    for name, value in {**SOCKET_DEFAULTS, **options}.items():
         sock.setsockopt(getattr(zmq, name.upper()), value)
     return sock
 
@@ -125,13 +137,34 @@ def answer_request(handlers: Mapping[Command, Handler], route: list[bytes],
         return proto.encode_err(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
+def send_reply(sock: zmq.Socket[Any], route: Sequence[bytes], body: Sequence[bytes]) -> bool:
+    """Send ``body`` back along ``route`` on a ROUTER without blocking; False when it was
+    dropped because the peer's pipe is full (``EAGAIN``) or the peer is gone (``EHOSTUNREACH``,
+    with ``ROUTER_MANDATORY``).
+
+    Why: a slow or hostile peer must never stall the node that answers it; whoever asked has
+    its own reply timeout and retry, which cover a dropped reply.
+    """
+    try:
+        send_frames(sock, proto.envelope(route, body), NOBLOCK)
+    except zmq.Again:
+        return False
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EHOSTUNREACH:
+            raise
+        return False
+    return True
+
+
 def serve_requests(sock: zmq.Socket[Any], handlers: Mapping[Command, Handler], *,
                    log: logging.Logger = _log, unknown: str = "{command} is not served here",
-                   limit: int = 256) -> None:
+                   limit: int = 256,
+                   dropped: Callable[[list[bytes]], None] | None = None) -> None:
     """Answer what waits on a ROUTER (non-blocking, at most ``limit`` messages).
 
     Each request goes through ``answer_request``, the one place where a ROUTER ingress turns
-    an error into an ERR reply; a message without an envelope has nobody to answer.
+    an error into an ERR reply; a message without an envelope has nobody to answer. Replies
+    go out through ``send_reply``; ``dropped(route)`` hears of each one it could not send.
     """
     for _ in range(limit):
         try:
@@ -143,8 +176,8 @@ def serve_requests(sock: zmq.Socket[Any], handlers: Mapping[Command, Handler], *
         except ProtocolError:
             continue  # no envelope: nobody to answer
         reply = answer_request(handlers, route, body, log=log, unknown=unknown)
-        if reply is not None:
-            send_frames(sock, proto.envelope(route, reply))
+        if reply is not None and not send_reply(sock, route, reply) and dropped is not None:
+            dropped(route)
 
 
 class Node:
@@ -210,7 +243,7 @@ class Node:
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                raise ZmqlabError(f"{self.kind} did not stop within {timeout_s} s")
+                raise ZmqlabError(f"{self.kind} did not stop within {timeout_s:g} s")
 
     @property
     def alive(self) -> bool:

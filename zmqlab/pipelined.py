@@ -19,7 +19,11 @@ never gets stuck the way a REQ does): a request unanswered within ``timeout_ms``
 most ``retries`` times; then the client fails over to its next endpoint with everything in
 flight, and gives up (UNAVAILABLE) when none is left. Records refused with a retryable code
 are sent again after an exponential backoff, until the request's deadline, without holding up
-the rest of the window. Nothing here blocks except ``pump``, which waits at most its timeout.
+the rest of the window. Nothing here blocks except ``pump``, which waits at most its timeout,
+and ``close``, which waits at most ``BYE_WAIT_MS`` for the answer to its BYE.
+
+A request is one PUT: a batch whose frames would pass ``MAX_FRAME_BYTES`` is refused with
+ConfigError by ``submit`` (the caller picks its batch size; ``Producer`` splits instead).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from zmqlab.config import REPLY_TIMEOUT_MS
 from zmqlab.errors import ConfigError, ErrorCode, ProtocolError, ZmqlabError
 from zmqlab.node import NOBLOCK, new_socket, recv_frames, send_frames
 from zmqlab.producer import (
+    BYE_WAIT_MS,
     OutRecord,
     PutOutcome,
     Refusal,
@@ -87,6 +92,9 @@ class PipelinedProducer:
     ``handle_replies``; call ``tick`` by ``next_due()``. Each returns the requests that are
     over. ``pump`` does one round of all that for a caller without a loop of its own. The
     socket changes on failover, so a loop re-reads ``socket`` after every call.
+
+    ConfigError at construction for endpoints, a window or a name that cannot work
+    (``producer.check_name``), and from ``submit`` for a batch no PUT can carry.
     """
 
     def __init__(self, endpoints: Sequence[str] | str, *, name: str | None = None,
@@ -110,7 +118,7 @@ class PipelinedProducer:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.stats = {"sent": 0, "acked": 0, "duplicates": 0, "resends": 0,
-                      "backpressure_retries": 0, "refused": 0, "failovers": 0}
+                      "backpressure_retries": 0, "refused": 0, "failovers": 0, "unsent": 0}
         self.partitions: int | None = None
         self.unavailable: str | None = None  # why the client gave up, once every endpoint failed
         self._index = 0
@@ -214,6 +222,21 @@ class PipelinedProducer:
         return done
 
     def close(self) -> None:
+        """Say BYE, so the endpoint forgets this client now rather than expiring it later,
+        then close. The BYE never blocks; its answer (which shows it went out) is waited for
+        at most ``BYE_WAIT_MS``, and whatever else arrives meanwhile is dropped."""
+        sock = self.socket
+        if sock is not None and not self.unavailable:
+            tag = self._tag()
+            self._write(proto.envelope((tag,), proto.encode(Command.BYE)))
+            deadline = time.monotonic() + BYE_WAIT_MS / 1000
+            while (wait := deadline - time.monotonic()) > 0 and sock.poll(round(wait * 1000)):
+                frames = recv_frames(sock)
+                if frames[0] == tag:
+                    break
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         if self.socket is not None:
             self.socket.close(0)
             self.socket = None
@@ -230,9 +253,9 @@ class PipelinedProducer:
         return self._next_tag.to_bytes(8, "big")
 
     def _connect(self) -> None:
-        self.close()
+        self._close_socket()  # a silent endpoint: no BYE to wait for
         self._by_tag.clear()  # answers from the last endpoint are of no use now
-        self.socket = new_socket(self.context, zmq.DEALER, sndhwm=0)
+        self.socket = new_socket(self.context, zmq.DEALER)
         self.socket.connect(self.endpoint)
         self._hello()
 
@@ -247,8 +270,8 @@ class PipelinedProducer:
         assert self.socket is not None
         try:
             send_frames(self.socket, frames, NOBLOCK)
-        except zmq.Again:  # cannot happen without a high-water mark; the timeout resends
-            pass
+        except zmq.Again:  # the endpoint does not read: as a lost request, the timeout resends
+            self.stats["unsent"] += 1
 
     def _send(self, request: _Request, now: float) -> None:
         tag = self._tag()
@@ -314,4 +337,4 @@ class PipelinedProducer:
                 Refusal(request.records[i].id, ErrorCode.UNAVAILABLE, self.unavailable,
                         True) for i in request.todo)
             self._finish(request, now, done)
-        self.close()
+        self._close_socket()

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import repeat
@@ -49,9 +49,14 @@ from zmqlab.node import (
     new_socket,
     recv_frames,
     send_frames,
+    send_reply,
     serve_requests,
 )
-from zmqlab.protocol import Command
+from zmqlab.protocol import MAX_FRAME_BYTES, MAX_NAME_CHARS, Command
+
+BYE_WAIT_MS = 250  # an answer to BYE comes at once; this bounds close() when the peer is gone
+MAX_REREGISTRATIONS = 3  # NOT_REGISTERED answers one request may meet before it gives up
+DROP_LOG_INTERVAL_S = 5.0  # at most one warning this often about replies dropped by the ingress
 
 
 class OutRecord(NamedTuple):
@@ -120,7 +125,12 @@ class PutOutcome:
 
 def make_record(payload: Mapping[str, Any] | bytes | str, *, key: str | None = None,
                 id: str | None = None, created_at: float | None = None) -> OutRecord:
-    """Encode a payload (a JSON object, or its text) and give the record its id and time."""
+    """Encode a payload (a JSON object, or its text) and give the record its id and time.
+
+    ConfigError, before anything is sent, for what no PUT can carry: a payload larger than
+    one frame (``MAX_FRAME_BYTES``), an id or key containing NUL (PostgreSQL cannot store NUL
+    in text, so the broker refuses it).
+    """
     if isinstance(payload, Mapping):
         try:  # strict as the broker is: no NaN, no lone surrogate (ValueError, both)
             data = json.dumps(payload, separators=(",", ":"), allow_nan=False,
@@ -133,26 +143,71 @@ def make_record(payload: Mapping[str, Any] | bytes | str, *, key: str | None = N
         data = payload
     else:
         raise ConfigError(f"payload must be a JSON object, got {type(payload).__name__}")
-    return OutRecord(data, id or uuid.uuid4().hex, key,
-                     time.time() if created_at is None else created_at)
+    if len(data) > MAX_FRAME_BYTES:
+        raise ConfigError(f"a payload of {len(data)} bytes does not fit in one frame "
+                          f"({MAX_FRAME_BYTES} bytes)")
+    record_id = id or uuid.uuid4().hex
+    _refuse_nul([record_id], [key])
+    return OutRecord(data, record_id, key, time.time() if created_at is None else created_at)
+
+
+def _refuse_nul(ids: Iterable[object], keys: Iterable[object]) -> None:
+    # One join per column: a scan in C, not a Python loop per record.
+    if "\x00" in "".join(map(str, ids)) or "\x00" in "".join(map(str, keys)):
+        raise ConfigError("record ids and keys must not contain NUL (\\x00): PostgreSQL "
+                          "cannot store it in text")
 
 
 def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
     """A one-part PUT: the columns ``ids``, ``keys``, ``created_us``, ``sizes`` (each a list,
-    or one value shared by every record) and the payloads."""
+    or one value shared by every record) and the payloads.
+
+    ConfigError for a PUT that cannot be sent: an id or key that is not text or contains NUL,
+    or a header or payload frame larger than ``MAX_FRAME_BYTES`` (ZeroMQ would drop the
+    connection of whoever sent it; ``fitting_puts`` cuts a batch into PUTs that fit).
+    """
+    frames = _encode_put(records)
+    largest = max(len(frames[2]), len(frames[3]))
+    if largest > MAX_FRAME_BYTES:
+        raise ConfigError(f"a PUT of {len(records)} record(s) needs a frame of {largest} bytes, "
+                          f"more than one frame holds ({MAX_FRAME_BYTES}): send fewer at once")
+    return frames
+
+
+def fitting_puts(records: Sequence[OutRecord],
+                 indices: list[int]) -> list[tuple[list[int], list[bytes]]]:
+    """``records[indices]`` as PUTs whose frames fit in ``MAX_FRAME_BYTES``: (indices, frames)
+    each, in order; a batch that does not fit is halved until it does.
+
+    Everything is encoded before anything is sent, so a record no PUT can carry (ConfigError)
+    refuses the whole batch, not its second half.
+    """
+    frames = _encode_put([records[i] for i in indices])
+    if max(len(frames[2]), len(frames[3])) <= MAX_FRAME_BYTES:
+        return [(indices, frames)]
+    if len(indices) == 1:
+        encode_put([records[indices[0]]])  # raises the ConfigError that says why
+    half = len(indices) // 2
+    return fitting_puts(records, indices[:half]) + fitting_puts(records, indices[half:])
+
+
+def _encode_put(records: Sequence[OutRecord]) -> list[bytes]:
     payloads = [r.payload for r in records]
     created = [r.created_at for r in records]
     if created and created.count(created[0]) == len(created):  # made together: one time
         created_us: Any = round(created[0] * 1_000_000)
     else:
         created_us = [round(c * 1_000_000) for c in created]
-    header = {"ids": [r.id for r in records], "keys": proto.compact([r.key for r in records]),
-              "created_us": created_us, "sizes": proto.compact(list(map(len, payloads)))}
+    ids, keys = [r.id for r in records], [r.key for r in records]
+    header = {"ids": ids, "keys": proto.compact(keys), "created_us": created_us,
+              "sizes": proto.compact(list(map(len, payloads)))}
     try:
-        return proto.encode(Command.PUT, header, proto.join_payloads(payloads))
+        frames = proto.encode(Command.PUT, header, proto.join_payloads(payloads))
     except (TypeError, ValueError) as exc:  # an id or key the wire cannot carry
         raise ConfigError(f"record ids and keys must be text (without lone surrogates): "
                           f"{exc}") from None
+    _refuse_nul(ids, keys)
+    return frames
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -162,9 +217,21 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def check_name(name: str) -> str:
+    """A producer name the broker and every database take, or ConfigError now: 1 to
+    ``MAX_NAME_CHARS`` characters, no NUL (PostgreSQL cannot store it in text)."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_CHARS or "\x00" in name:
+        raise ConfigError(f"producer name must be 1 to {MAX_NAME_CHARS} characters without "
+                          f"NUL (\\x00), got {name!r:.80}")
+    return name
+
+
 def client_name(name: str | None) -> str:
-    """The name a client registers with: the given one, or one unique to this process."""
-    return name or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    """The name a client registers with: the given one (checked), or one unique to this
+    process."""
+    if name is None:
+        return f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return check_name(name)
 
 
 Failed = list[tuple[int, str, str, bool]]  # (record index, code, reason, retryable)
@@ -206,7 +273,10 @@ def settle_refused(failed: Failed, records: Sequence[OutRecord], outcome: PutOut
 
 
 class Producer:
-    """A blocking client for the broker's frontend or a producer service's ingress."""
+    """A blocking client for the broker's frontend or a producer service's ingress.
+
+    ConfigError at construction for an endpoint or a name that cannot work (``check_name``).
+    """
 
     def __init__(self, endpoint: str, *, name: str | None = None,
                  context: zmq.Context[Any] | None = None, timeout_ms: int = REPLY_TIMEOUT_MS,
@@ -234,10 +304,25 @@ class Producer:
         self.close()
 
     def close(self) -> None:
+        """Close the socket. A registered client says BYE first, so the broker forgets it now
+        rather than expiring it later; the BYE never blocks and its answer is waited for at
+        most ``BYE_WAIT_MS`` (the answer only shows that it went out before the close)."""
+        sock = self._sock
+        if sock is not None and self._registered:
+            self._registered = False
+            try:
+                send_frames(sock, proto.encode(Command.BYE), NOBLOCK)
+                sock.poll(min(self.timeout_ms, BYE_WAIT_MS), zmq.POLLIN)
+            except zmq.ZMQError:  # not connected, or the REQ still waits for a reply
+                pass
+        self._drop_socket()
+
+    def _drop_socket(self) -> None:
         if self._sock is not None:
             self._poller.unregister(self._sock)
             self._sock.close(0)
             self._sock = None
+        self._registered = False  # a new socket is a new identity to the broker
 
     # -- Lazy Pirate -------------------------------------------------------------------------
     def _exchange(self, frames: list[bytes]) -> proto.Message | None:
@@ -248,19 +333,26 @@ class Producer:
             self._registered = False
         sock = self._sock
         if sock.poll(self.timeout_ms, zmq.POLLOUT):  # no connection at all counts as silence
-            send_frames(sock, frames)
+            send_frames(sock, frames, NOBLOCK)  # POLLOUT said it fits: never blocks
             if self._poller.poll(self.timeout_ms):
                 return proto.decode(recv_frames(sock))
-        self.close()  # a REQ that lost its reply is stuck: a new socket is the only way out
+        self._drop_socket()  # a REQ that lost its reply is stuck: a new socket is the way out
         self.stats["reconnects"] += 1
         return None
 
     def request(self, frames: list[bytes], *, register: bool = True) -> proto.Message:
-        """One request, retried on silence; registers (HELLO) first where needed."""
-        for _ in range(self.retries + 1):
+        """One request, retried on silence; registers (HELLO) first where needed.
+
+        Only silence spends a try. A NOT_REGISTERED answer (the broker expired this client
+        while it was idle, or restarted) is an answer: HELLO, then the same request again;
+        after ``MAX_REREGISTRATIONS`` of them in one request, BrokerRejected.
+        """
+        tries = reregistrations = 0
+        while tries <= self.retries:
             if register and not self._registered:
                 welcome = self._exchange(proto.encode_hello_producer(self.name))
                 if welcome is None:
+                    tries += 1
                     continue
                 if welcome.command is Command.ERR:
                     raise BrokerRejected(*proto.error_of(welcome)[:2])
@@ -268,9 +360,13 @@ class Producer:
                 self.partitions = welcome.header.get("partitions")
             reply = self._exchange(frames)
             if reply is None:
+                tries += 1
                 continue
-            if (reply.command is Command.ERR
+            if (register and reply.command is Command.ERR
                     and proto.error_of(reply)[0] == ErrorCode.NOT_REGISTERED):
+                reregistrations += 1
+                if reregistrations > MAX_REREGISTRATIONS:
+                    raise BrokerRejected(*proto.error_of(reply)[:2])
                 self._registered = False  # the broker restarted or forgot us: HELLO again
                 continue
             return reply
@@ -299,14 +395,28 @@ class Producer:
                   sleep: Callable[[float], None] = time.sleep) -> PutOutcome:
         """``send_batch`` without an object per record: where each run of records went, and
         the refusals. For callers that send many records and need only counts (the load
-        generator), because building an Ack per record is the costly part of the bookkeeping."""
+        generator), because building an Ack per record is the costly part of the bookkeeping.
+
+        A batch whose frames would pass ``MAX_FRAME_BYTES`` goes as several PUTs, one after
+        the other (``fitting_puts``); ConfigError, before anything is sent, for a record
+        that no PUT can carry.
+        """
         deadline = time.monotonic() + self.deadline_s
         outcome = PutOutcome()
-        todo = list(range(len(records)))
-        delay = self.backoff_initial_s
+        puts = fitting_puts(records, list(range(len(records))))
         self.stats["sent"] += len(records)
+        for todo, frames in puts:
+            self._put(records, todo, frames, outcome, deadline, sleep)
+        self.stats["acked"] += outcome.acked
+        self.stats["refused"] += len(outcome.refusals)
+        return outcome
+
+    def _put(self, records: Sequence[OutRecord], todo: list[int], frames: list[bytes],
+             outcome: PutOutcome, deadline: float, sleep: Callable[[float], None]) -> None:
+        """One PUT, then its refused records again after a backoff until settled."""
+        delay = self.backoff_initial_s
         while todo:
-            reply = self.request(encode_put([records[i] for i in todo]))
+            reply = self.request(frames)
             dups_before = len(outcome.dups)
             failed = apply_put_reply(reply, todo, outcome)
             self.stats["duplicates"] += len(outcome.dups) - dups_before
@@ -316,9 +426,7 @@ class Producer:
                 self.stats["backpressure_retries"] += len(todo)
                 sleep(delay)  # backoff between tries, not synchronisation
                 delay = min(delay * 2, self.backoff_max_s)
-        self.stats["acked"] += outcome.acked
-        self.stats["refused"] += len(outcome.refusals)
-        return outcome
+                frames = encode_put([records[i] for i in todo])
 
     def status(self) -> dict[str, Any]:
         """The STATS snapshot of whatever this client talks to."""
@@ -365,6 +473,10 @@ class _Upstream:
     batch: _InFlight | None = None
     pending: deque[_ClientPut] = field(default_factory=deque)
     pending_records: int = 0
+    pending_bytes: int = 0  # payload bytes of ``pending``
+    # The broker's timing, from its WELCOME (None until then): one truth for both sides.
+    heartbeat_s: float | None = None
+    expiry_s: float | None = None  # heartbeat × liveness: silence the broker tolerates
 
 
 # ``handler(reply, frames, ingress)``: the broker's decoded reply, its frames (forwarded as
@@ -373,21 +485,31 @@ UpstreamHandler = Callable[[proto.Message, list[bytes], zmq.Socket[Any] | None],
 
 
 class ProducerService(Node):
-    """Ingress for clients, one REQ upstream with Lazy Pirate retries and heartbeats."""
+    """Ingress for clients, one REQ upstream with Lazy Pirate retries and heartbeats.
+
+    No peer can stall it: every send is non-blocking; a reply to a client whose pipe is full
+    (or who left) is dropped, counted and logged, and that client's own timeout and retry
+    cover it. What it holds for the broker is bounded in records (``max_pending``) and payload
+    bytes (``max_pending_bytes``): past either, a PUT is refused UNAVAILABLE (retryable).
+    It heartbeats the broker, and times it out, by the broker's WELCOME
+    (``heartbeat_ms``, ``liveness``); ``config.heartbeat_ms`` serves only until then.
+    """
 
     kind = "producer"
 
     def __init__(self, config: ProducerConfig, *, context: zmq.Context[Any] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(context)
+        check_name(config.name)
         self.config = config
         self.clock = clock
         self.up = _Upstream()
         self.partitions: int | None = None
         self.stats = {"received": 0, "acked": 0, "refused": 0, "batches": 0, "reconnects": 0,
-                      "unavailable": 0}
+                      "unavailable": 0, "dropped_replies": 0}
         self._req: zmq.Socket[Any] | None = None
         self._last_reply = 0.0
+        self._next_drop_log = 0.0
         # One dispatch table per socket: client requests by command, broker replies by what
         # the REQ socket was waiting for.
         self._client_handlers: dict[Command, Handler] = {
@@ -407,7 +529,8 @@ class ProducerService(Node):
         ingress = None
         try:
             if self.config.ingress is not None:
-                ingress = new_socket(self.context, zmq.ROUTER, sndhwm=0)
+                # Mandatory: a full client pipe is an error we log, not a silent drop.
+                ingress = new_socket(self.context, zmq.ROUTER, router_mandatory=1)
                 bind(ingress, self.config.ingress, f"producer {self.config.name} ingress")
             self._connect()
             self.log.info("producer %s ingress=%s broker=%s", self.config.name,
@@ -451,7 +574,8 @@ class ProducerService(Node):
                 return
             if ingress is not None and ingress in events:
                 serve_requests(ingress, self._client_handlers, log=self.log,
-                               unknown="{command} is not a client command")
+                               unknown="{command} is not a client command",
+                               dropped=self._dropped)
             if self._req is not None and self._req in events:
                 reply = recv_frames(self._req)
                 self._handle_upstream(reply, ingress)
@@ -467,14 +591,17 @@ class ProducerService(Node):
                                 f"(the records back to back), got {len(message.payloads)}")
         if not count:
             return proto.encode(Command.ACK, {"acks": [], "dups": [], "errors": []})
-        backlog = self.up.pending_records
-        if backlog + count > self.config.max_pending:
-            raise Refused(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already "
-                          f"holds {backlog} records for the broker; retry later")
+        blob = message.payloads[0]
+        up = self.up
+        if (up.pending_records + count > self.config.max_pending
+                or up.pending_bytes + len(blob) > self.config.max_pending_bytes):
+            raise Refused(ErrorCode.UNAVAILABLE, f"producer {self.config.name} already holds "
+                          f"{up.pending_records} records ({up.pending_bytes} payload bytes) "
+                          "for the broker; retry later")
         self.stats["received"] += count
-        self.up.pending.append(_ClientPut(route, count, message.raw_header,
-                                          message.payloads[0]))
-        self.up.pending_records += count
+        up.pending.append(_ClientPut(route, count, message.raw_header, blob))
+        up.pending_records += count
+        up.pending_bytes += len(blob)
         return None  # answered when the broker acknowledges
 
     def _handle_hello(self, _route: list[bytes], _message: proto.Message) -> list[bytes]:
@@ -510,6 +637,7 @@ class ProducerService(Node):
         if reply.command is Command.WELCOME:
             self.up.registered = True
             self.partitions = reply.header.get("partitions")
+            self._take_timing(reply.header)
             self.log.info("producer %s registered with broker", self.config.name)
         else:
             self.log.warning("broker refused registration: %s", reply.header)
@@ -523,6 +651,36 @@ class ProducerService(Node):
     def _handle_heartbeat_reply(self, _reply: proto.Message, _frames: list[bytes],
                                 _ingress: zmq.Socket[Any] | None) -> None:
         """Nothing to do: hearing from the broker is what a heartbeat asks for."""
+
+    def _take_timing(self, welcome: dict[str, Any]) -> None:
+        """The broker's ``heartbeat_ms`` and ``liveness``, when its WELCOME has them (both
+        positive integers), so that this side never lets the broker expire it."""
+        heartbeat_ms, liveness = welcome.get("heartbeat_ms"), welcome.get("liveness")
+        if (type(heartbeat_ms) is int and type(liveness) is int
+                and heartbeat_ms > 0 and liveness > 0):
+            self.up.heartbeat_s = heartbeat_ms / 1000
+            self.up.expiry_s = heartbeat_ms * liveness / 1000
+
+    def _reply_timeout_s(self, awaiting: Awaiting) -> float:
+        """How long the broker may take to answer: a PUT may wait for room there, so the
+        configured reply timeout; a broker answers a heartbeat at once, so no longer than the
+        silence it tolerates itself."""
+        timeout_s = self.config.timeout_ms / 1000
+        if awaiting is Awaiting.HEARTBEAT and self.up.expiry_s is not None:
+            return min(timeout_s, self.up.expiry_s)
+        return timeout_s
+
+    def _dropped(self, route: list[bytes]) -> None:
+        """A reply the ingress could not send (the client's pipe is full, or it left): counted
+        and logged, at most once per ``DROP_LOG_INTERVAL_S`` so a client that floods us
+        cannot flood the log too."""
+        self.stats["dropped_replies"] += 1
+        now = self.clock()
+        if now >= self._next_drop_log:
+            self._next_drop_log = now + DROP_LOG_INTERVAL_S
+            self.log.warning("reply to client %s dropped: its pipe is full or it left (%d "
+                             "dropped so far; its own timeout and retry cover it)",
+                             route[0].hex(), self.stats["dropped_replies"])
 
     def _answer(self, batch: _InFlight, reply: proto.Message,
                 ingress: zmq.Socket[Any] | None, frames: list[bytes] | None = None) -> None:
@@ -551,16 +709,18 @@ class ProducerService(Node):
             replies = [error] * len(batch.puts)
         if ingress is not None:
             for put, answer_frames in zip(batch.puts, replies, strict=True):
-                send_frames(ingress, proto.envelope(put.route, answer_frames))
+                if not send_reply(ingress, put.route, answer_frames):
+                    self._dropped(put.route)
 
     def _tick(self, now: float, ingress: zmq.Socket[Any] | None) -> None:
         up = self.up
         if up.awaiting is not None:
-            if now - up.sent_at < self.config.timeout_ms / 1000:
+            timeout_s = self._reply_timeout_s(up.awaiting)
+            if now - up.sent_at < timeout_s:
                 return
             self.stats["reconnects"] += 1
             self.log.warning("broker did not answer %s within %d ms: reconnecting",
-                             up.awaiting.value, self.config.timeout_ms)
+                             up.awaiting.value, round(timeout_s * 1000))
             if up.batch is not None:
                 up.batch.tries += 1
                 if up.batch.tries > self.config.retries:
@@ -581,19 +741,30 @@ class ProducerService(Node):
             self._upstream(up.batch.frames, Awaiting.PUT)
         elif up.pending:
             self._send_batch()
-        elif now - max(up.sent_at, self._last_reply) >= self.config.heartbeat_ms / 1000:
+        elif now - max(up.sent_at, self._last_reply) >= self._heartbeat_s():
             self._upstream(proto.encode(Command.HEARTBEAT), Awaiting.HEARTBEAT)
+
+    def _heartbeat_s(self) -> float:
+        if self.up.heartbeat_s is not None:
+            return self.up.heartbeat_s
+        return self.config.heartbeat_ms / 1000
 
     def _send_batch(self) -> None:
         up = self.up
         taken: list[_ClientPut] = []
-        count = 0
+        count = size = 0
         limit = self.config.max_batch
-        while up.pending and (not taken or count + up.pending[0].count <= limit):
+        # At most max_batch records and one frame's worth of payloads per request (at least
+        # one part), so one request never holds the broker's whole backlog.
+        while up.pending and (not taken or (count + up.pending[0].count <= limit
+                                            and size + len(up.pending[0].blob)
+                                            <= MAX_FRAME_BYTES)):
             put = up.pending.popleft()
             taken.append(put)
             count += put.count
+            size += len(put.blob)
         up.pending_records -= count
+        up.pending_bytes -= size
         frames = proto.encode_parts(Command.PUT, [f for put in taken for f in (put.header,
                                                                                put.blob)])
         up.batch = _InFlight(taken, frames)
@@ -605,5 +776,8 @@ class ProducerService(Node):
         return {"name": self.config.name, "broker": self.config.broker,
                 "registered": self.up.registered,
                 "pending": self.up.pending_records,
+                "pending_bytes": self.up.pending_bytes,
+                "max_pending": self.config.max_pending,  # the bounds beside what they bound
+                "max_pending_bytes": self.config.max_pending_bytes,
                 "inflight": 0 if batch is None else sum(p.count for p in batch.puts),
                 **self.stats}

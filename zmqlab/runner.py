@@ -16,12 +16,15 @@ helpers change nothing) and the previous ones come back when the block ends.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from zmqlab.errors import ZmqlabError
 from zmqlab.node import Node, tune_gc
@@ -83,20 +86,43 @@ def run_until_signal(start: Callable[[], None], running: Callable[[], bool],
     return result
 
 
-def run_node(node: Node, tick_s: float = 0.25) -> None:
+def run_node(node: Node, tick_s: float = 0.25, stop_timeout_s: float = 15.0) -> None:
     """Run one node until SIGINT/SIGTERM or until its thread ends, then stop it gracefully.
 
     Raises ZmqlabError when the node cannot start, or ``"<kind> failed: <error>"`` when it died
-    of an error. Tunes the GC (``node.tune_gc``): the node owns this process.
+    of an error. Tunes the GC (``node.tune_gc``): the node owns this process. A node that does
+    not stop within ``stop_timeout_s`` ends the process: one line on stderr, exit code 1
+    (``exit_stuck``).
     """
 
     def start() -> None:
         tune_gc()
         node.start()
 
-    run_until_signal(start, lambda: node.alive, node.stop, tick_s)
+    def stop() -> None:
+        try:
+            node.stop(stop_timeout_s)
+        except ZmqlabError as exc:  # the node's thread still runs: only an exit ends it
+            exit_stuck(str(exc))
+
+    run_until_signal(start, lambda: node.alive, stop, tick_s)
     if node.error is not None:
         raise ZmqlabError(f"{node.kind} failed: {node.error}")
+
+
+def exit_stuck(why: str) -> NoReturn:
+    """End the process now, with ``error: <why>; …`` on stderr and exit code 1.
+
+    Why not raise: the thread that did not stop would run on into the interpreter's teardown,
+    where whatever it does next (a log line, a socket call) can end in a traceback or a crash
+    report; ``os._exit`` leaves no teardown to race. Logs and stdio are flushed first.
+    """
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {why}; exiting anyway\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def run_supervisor(supervisor: Supervisor, on_ready: Callable[[], None] = lambda: None,

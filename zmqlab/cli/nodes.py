@@ -32,6 +32,7 @@ from zmqlab.config import (
     ConsumerConfig,
     ProducerConfig,
 )
+from zmqlab.protocol import MAX_FRAME_BYTES
 
 
 def broker(
@@ -42,6 +43,10 @@ def broker(
     expect_producers: Annotated[int, typer.Option(min=0, help="Refuse records until this many producers registered.")] = 0,
     expect_consumers: Annotated[int, typer.Option(min=0, help="Refuse records until this many consumers registered.")] = 0,
     put_wait_ms: Annotated[int, typer.Option(min=0, help="How long a PUT that does not fit waits for room before its records are refused PARTITION_FULL (0: refuse at once). Keep it under the producers' --timeout-ms.")] = 500,
+    ack_timeout_ms: Annotated[int, typer.Option(min=10, help="Records in flight this long at one consumer are released and delivered again.")] = 30_000,
+    data_dir: Annotated[str | None, typer.Option(help="Keep a write-ahead log here: every acknowledged record survives a crash and is delivered after a restart (default: records are kept in memory only).")] = None,
+    fsync: Annotated[str, typer.Option(help="With --data-dir: batch (acknowledge after the log is on disk), interval (flush every --fsync-interval-ms, acknowledge at once) or off (the kernel decides).")] = "batch",
+    fsync_interval_ms: Annotated[int, typer.Option(min=1, help="With --fsync interval: how often the log is flushed.")] = 1000,
     heartbeat_ms: HeartbeatMs = 1000,
     liveness: Liveness = 3,
     log_level: LogLevel = "info",
@@ -55,7 +60,9 @@ def broker(
     config = build(BrokerConfig, frontend=frontend, backend=backend, partitions=partitions,
                    capacity=capacity, expect_producers=expect_producers,
                    expect_consumers=expect_consumers, put_wait_ms=put_wait_ms,
-                   heartbeat_ms=heartbeat_ms, liveness=liveness)
+                   ack_timeout_ms=ack_timeout_ms, data_dir=data_dir, fsync=fsync,
+                   fsync_interval_ms=fsync_interval_ms, heartbeat_ms=heartbeat_ms,
+                   liveness=liveness)
     with failing():
         run_node(Broker(config))
 
@@ -67,6 +74,7 @@ def producer(
     name: Annotated[str | None, typer.Option(help="Producer name (default: the port).")] = None,
     timeout_ms: Annotated[int, typer.Option(min=10, help="Broker reply timeout.")] = REPLY_TIMEOUT_MS,
     retries: Annotated[int, typer.Option(min=0, help="Reconnects before clients get UNAVAILABLE.")] = 3,
+    max_pending_bytes: Annotated[int, typer.Option(min=MAX_FRAME_BYTES, help="Payload bytes waiting for the broker before clients' PUTs are refused UNAVAILABLE (retryable); at least one frame.")] = 256 * 1_048_576,
     heartbeat_ms: HeartbeatMs = 1000,
     log_level: LogLevel = "info",
     log_json: LogJson = False,
@@ -78,7 +86,7 @@ def producer(
     setup_logs(log_level, log_json)
     config = build(ProducerConfig, name=name or str(port), broker=broker,
                    ingress=f"tcp://{host}:{port}", timeout_ms=timeout_ms, retries=retries,
-                   heartbeat_ms=heartbeat_ms)
+                   max_pending_bytes=max_pending_bytes, heartbeat_ms=heartbeat_ms)
     with failing():
         run_node(ProducerService(config))
 
