@@ -174,8 +174,12 @@ def test_dead_letters_are_listed_and_unknown_ids_are_reported(tmp_path: Path):
     from zmqlab.store import Batch, Delivery, Sink
 
     db_url = f"sqlite:///{tmp_path / 'dead.db'}"
-    sink = Sink.open(db_url, "9090", max_attempts=1)
-    sink.store([Batch(0, 1, [Delivery(0, 4, "gone-1", "k", "8080", 1.7e9, 2, b'{"a": 1}')])])
+
+    def refuse(payload: Any) -> Any:  # a record that really fails: it is tried, then buried
+        raise ValueError("this record cannot be stored")
+
+    sink = Sink.open(db_url, "9090", max_attempts=1, transform=refuse)
+    sink.store([Batch(0, 1, [Delivery(0, 4, "gone-1", "k", "8080", 1.7e9, 1, b'{"a": 1}')])])
     sink.close()
     listed = run("dead", "list", "--db", db_url, "--json")
     assert listed.returncode == 0, listed.stderr

@@ -31,8 +31,12 @@ def test_queue_keeps_a_delivered_record_until_it_is_acknowledged(ctx, db_url, en
     silent.connect(fabric.backend)
     try:
         silent.send_multipart([b"", *proto.encode(Command.HELLO, {"role": "consumer"})])
-        assert proto.decode(recv(silent)[1:]).command is Command.WELCOME
-        silent.send_multipart([b"", *proto.encode(Command.FETCH, {"credit": 10})])
+        welcome = proto.decode(recv(silent)[1:])
+        assert welcome.command is Command.WELCOME
+        assign = proto.decode(recv(silent)[1:])  # seq 1 of the session
+        assert (assign.command, assign.header["seq"]) == (Command.ASSIGN, 1)
+        silent.send_multipart([b"", *proto.encode(Command.FETCH, {
+            "credit": 10, "session": welcome.header["session"], "seq": 1, "seen": 1})])
         with fabric.client() as client:
             ack = client.send({"keep": "me"})
 

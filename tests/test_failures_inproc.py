@@ -14,7 +14,7 @@ from zmqlab.deadletters import list_dead, replay
 from zmqlab.errors import SinkUnavailable
 from zmqlab.producer import Producer, make_record
 from zmqlab.protocol import Command
-from zmqlab.store import Sink, make_engine
+from zmqlab.store import Batch, Delivery, Sink, make_engine
 
 
 def queue_empty(fabric: Fabric) -> bool:
@@ -45,6 +45,89 @@ def test_a_poison_record_goes_to_dead_letters_while_the_others_flow_and_can_be_r
         assert [a.id for a in report.replayed] == [records[7].id]
         assert not report.replayed[0].duplicate  # dead letters are not in the dedupe window
         wait_until(lambda: len(stored_rows(db_url)) == 40, what="the replayed record")
+        assert list_dead(db_url) == []
+    finally:
+        fabric.stop()
+
+
+def bury(db_url: str, *ids: str) -> None:
+    """Dead letters for ``ids``, as a consumer would have written them."""
+    from datetime import UTC, datetime
+
+    from zmqlab.store import DEAD_LETTERS
+
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(DEAD_LETTERS.insert(), [
+            {"id": i, "partition": 0, "offset": n, "key": None, "producer": "8080",
+             "consumer": "9090", "payload": f'{{"n": {n}}}', "created_at": now,
+             "failed_at": now, "attempts": 3, "last_error": "poison (test)"}
+            for n, i in enumerate(ids)])
+    engine.dispose()
+
+
+def test_replay_deletes_a_dead_letter_only_where_the_record_exists_elsewhere(ctx, endpoint,
+                                                                              db_url):
+    """Case 4: given three dead letters, and a broker that queues "new" anew but answers
+    "stored" and "lost" as duplicates, where only "stored" is in ``records``: then replay
+    deletes "new" and "stored", and keeps "lost" (it exists nowhere else) and reports it."""
+    address = endpoint("replay")
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.bind(address)
+    bury(db_url, "new", "stored", "lost")
+    sink = Sink.open(db_url, "9090")
+    sink.store([Batch(0, 1, [Delivery(0, 9, "stored", None, "8080", 1_700_000_000.0, 1, b"{}")])])
+    sink.close()
+
+    def serve() -> None:
+        while True:
+            frames = recv(server, 10)
+            message = proto.decode(frames[2:])
+            if message.command is Command.HELLO:
+                reply = proto.encode(Command.WELCOME, {"partitions": 1})
+            else:
+                ids = message.header["ids"]
+                reply = proto.encode(Command.ACK, {
+                    "acks": [[n, 1, 0, 40] for n, i in enumerate(ids) if i == "new"],
+                    "dups": [[n, 0, 7] for n, i in enumerate(ids) if i != "new"],
+                    "errors": []})
+            server.send_multipart([*frames[:2], *reply])
+            if message.command is Command.PUT:
+                return
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        report = replay(db_url, address, context=ctx, timeout_ms=2000, retries=0)
+    finally:
+        thread.join(10)
+        server.close(0)
+    assert sorted((a.id, a.duplicate) for a in report.replayed) == [("new", False),
+                                                                     ("stored", True)]
+    assert [(a.id, a.duplicate) for a in report.kept] == [("lost", True)]
+    assert [d["id"] for d in list_dead(db_url)] == ["lost"]
+
+
+def test_a_replay_answered_duplicate_keeps_the_dead_letter_until_the_record_is_stored(
+        ctx, db_url):
+    """Given a dead letter whose id the broker still holds in its queue (sent again by a
+    producer), when it is replayed, then the broker answers duplicate and the dead letter is
+    kept; once a consumer stored the record, a second replay clears it."""
+    fabric = Fabric(ctx, db_url, producers=1, consumers=0, partitions=1).start()
+    try:
+        bury(db_url, "twice")
+        with fabric.client("8080") as client:
+            client.send({"n": 0}, id="twice")  # held: no consumer yet
+        first = replay(db_url, fabric.ingress["8080"], context=ctx)
+        assert first.replayed == [] and [a.id for a in first.kept] == ["twice"]
+        assert [d["id"] for d in list_dead(db_url)] == ["twice"]
+        fabric.add_consumer("9090")
+        wait_until(lambda: [r["id"] for r in stored_rows(db_url)] == ["twice"],
+                   what="the held record stored")
+        second = replay(db_url, fabric.ingress["8080"], context=ctx)
+        assert [(a.id, a.duplicate) for a in second.replayed] == [("twice", True)]
         assert list_dead(db_url) == []
     finally:
         fabric.stop()
@@ -268,8 +351,7 @@ def test_consumers_and_producer_services_register_again_after_a_broker_restart(c
             fabric.broker.start()
             client.send_batch([make_record({"n": n}) for n in range(10, 20)])
         wait_until(lambda: len(stored_rows(db_url)) == 20, what="records after the restart")
-        sessions = [c.session for c in fabric.consumers.values()]
-        assert all(s >= 2 for s in sessions)
+        assert all(c.stats["registrations"] >= 2 for c in fabric.consumers.values())
         wait_until(lambda: len(fabric.status()["consumers"]) == 2, what="both consumers back")
     finally:
         fabric.stop()

@@ -1,7 +1,9 @@
-"""The idempotent SQL sink and dead-lettering, on SQLite (PostgreSQL in test_postgres.py)."""
+"""The idempotent SQL sink and dead-lettering, on SQLite; the burial rule on SQLite and
+PostgreSQL (more PostgreSQL in test_postgres.py)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 import pytest
@@ -46,16 +48,6 @@ def test_a_batch_is_stored_and_a_redelivery_stores_nothing_twice(db_url):
     sink.close()
 
 
-def test_records_that_died_with_their_consumers_too_often_become_dead_letters(db_url):
-    sink = Sink.open(db_url, "9090", max_attempts=3)
-    outcome = sink.store([Batch(0, 1, [delivery(0, attempt=4), delivery(1, attempt=3)])])[0]
-    assert (outcome.inserted, outcome.dead, outcome.done) == (1, [0], True)
-    (dead,) = rows(sink, DEAD_LETTERS)
-    assert (dead["id"], dead["attempts"]) == ("id0", 3)
-    assert "consumer died" in dead["last_error"]
-    sink.close()
-
-
 def refuse_poison(payload: dict) -> dict:
     if payload.get("poison"):
         raise ValueError("poison record")
@@ -69,15 +61,98 @@ def test_a_record_that_fails_is_retried_then_dead_lettered_while_others_are_stor
     assert first.inserted == 2 and [d.id for d in first.failed] == ["id1"]
     assert rows(sink)[0]["payload"] == {"n": 0, "seen": True}
     second = sink.store([Batch(0, 1, first.failed)])[0]
-    assert second.failed and second.failed[0].failures == 2
-    third = sink.store([Batch(0, 1, second.failed)])[0]
-    assert not third.done and third.failed[0].failures == 3
-    fourth = sink.store([Batch(0, 1, third.failed)])[0]
-    assert (fourth.dead, fourth.done) == ([1], True)
+    assert not second.done and second.failed[0].failures == 2
+    third = sink.store([Batch(0, 1, second.failed)])[0]  # its third try: buried at once
+    assert (third.dead, third.failed, third.done) == ([1], [], True)
     (dead,) = rows(sink, DEAD_LETTERS)
     assert (dead["id"], dead["attempts"], dead["payload"]) == ("id1", 3, '{"poison": true}')
     assert "poison record" in dead["last_error"]
     assert sorted(r["id"] for r in rows(sink)) == ["id0", "id2"]
+    sink.close()
+
+
+# -- the burial rule, on SQLite and PostgreSQL --------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, db_url):
+    """Each burial-rule test runs on both databases (PostgreSQL: see conftest's pg_url)."""
+    return db_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def test_a_record_delivered_max_attempts_times_is_inserted_not_buried_unseen(url):
+    """Given records redelivered past --max-attempts (their ACKs were lost, not their inserts),
+    when a consumer stores them, then each gets a real insert: a new one is stored, one stored
+    earlier counts as a duplicate, and neither is listed as dead."""
+    sink = Sink.open(url, "9090", max_attempts=3)
+    sink.store([Batch(0, 1, [delivery(1)])])  # a delivery whose ACK never arrived
+    (outcome,) = sink.store([Batch(0, 5, [delivery(0, attempt=4), delivery(1, attempt=4)])])
+    assert (outcome.inserted, outcome.duplicates, outcome.dead, outcome.done) == (1, 1, [], True)
+    assert sorted(r["id"] for r in rows(sink)) == ["id0", "id1"]
+    assert rows(sink, DEAD_LETTERS) == []
+    sink.close()
+
+
+def test_columns_past_max_attempts_stay_on_the_fast_path_and_are_stored(url):
+    sink = Sink.open(url, "9090", max_attempts=1)
+    batch = Batch(0, 3, records=columns_of([delivery(0, attempt=2), delivery(1, attempt=9)]))
+    (outcome,) = sink.store([batch])
+    assert (outcome.inserted, outcome.dead, outcome.done) == (2, [], True)
+    assert batch.records is not None  # no Delivery per record was made
+    assert rows(sink, DEAD_LETTERS) == []
+    sink.close()
+
+
+def test_a_record_that_fails_its_one_try_past_max_attempts_is_buried_with_the_real_error(url):
+    sink = Sink.open(url, "9090", max_attempts=3, transform=refuse_poison)
+    bad = delivery(1, attempt=4, payload=b'{"poison": true}')
+    (outcome,) = sink.store([Batch(0, 4, [delivery(0, attempt=4), bad])])
+    assert (outcome.inserted, outcome.dead, outcome.failed, outcome.done) == (1, [1], [], True)
+    (dead,) = rows(sink, DEAD_LETTERS)
+    assert (dead["id"], dead["attempts"]) == ("id1", 4)
+    assert dead["last_error"] == "transform: ValueError: poison record"
+    sink.close()
+
+
+def test_an_id_already_in_records_is_never_buried(url):
+    """Given a record stored by an earlier delivery, when a later copy of it fails past
+    --max-attempts (here: a transform that refuses it now), then it is a duplicate, not dead."""
+    plain = Sink.open(url, "9090")
+    plain.store([Batch(0, 1, [delivery(1, payload=b'{"poison": true}')])])
+    plain.close()
+    sink = Sink.open(url, "9091", max_attempts=1, transform=refuse_poison)
+    (outcome,) = sink.store([Batch(0, 2, [delivery(1, attempt=2, payload=b'{"poison": true}')])])
+    assert (outcome.duplicates, outcome.dead, outcome.failed, outcome.done) == (1, [], [], True)
+    assert rows(sink, DEAD_LETTERS) == []
+    assert [r["consumer"] for r in rows(sink)] == ["9090"]
+    sink.close()
+
+
+def test_a_record_that_no_table_takes_is_reported_stuck_and_the_others_are_stored(url, caplog):
+    """Given a record that ``records`` and ``dead_letters`` both refuse (no producer: NOT NULL
+    in both), when its attempts are used up, then it is neither retried for ever nor counted
+    as stored: it comes back ``stuck`` with both errors, logged at ERROR, and the rest of the
+    batch is stored."""
+    sink = Sink.open(url, "9090", max_attempts=1)
+    broken = Delivery(0, 1, "broken", None, None, 1_700_000_000.0, 1, b"{}")  # type: ignore
+    with caplog.at_level(logging.ERROR, logger="zmqlab.store"):
+        (outcome,) = sink.store([Batch(0, 1, [delivery(0), broken, delivery(2)])])
+    assert (outcome.inserted, outcome.dead, outcome.failed, outcome.done) == (2, [], [], True)
+    assert [d.id for d in outcome.stuck] == ["broken"]
+    assert "dead letter refused" in outcome.stuck[0].last_error
+    assert "null" in outcome.stuck[0].last_error.lower()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "'broken'" in errors[0] and "left unacknowledged" in errors[0]
+    assert rows(sink, DEAD_LETTERS) == []
+    sink.close()
+
+
+def test_one_dead_letter_refused_does_not_keep_the_others_out_of_dead_letters(url):
+    sink = Sink.open(url, "9090", max_attempts=1, transform=refuse_poison)
+    poison = delivery(1, payload=b'{"poison": true}')
+    broken = Delivery(0, 2, "broken", None, None, 1_700_000_000.0, 1, b"{}")  # type: ignore
+    (outcome,) = sink.store([Batch(0, 1, [delivery(0), poison, broken])])
+    assert (outcome.inserted, outcome.dead, outcome.done) == (1, [1], True)
+    assert [d.id for d in outcome.stuck] == ["broken"]
+    assert [r["id"] for r in rows(sink, DEAD_LETTERS)] == ["id1"]
     sink.close()
 
 
@@ -213,10 +288,10 @@ def test_a_columnar_batch_falls_back_to_its_records_one_by_one(db_url):
     batch = Batch(0, 2, records=records)
     assert (len(batch), batch.offsets) == (4, [0, 1, 2, 3])
     (outcome,) = sink.store([batch])
-    assert (outcome.inserted, outcome.duplicates, outcome.dead) == (1, 1, [2])
+    assert (outcome.inserted, outcome.duplicates, outcome.dead) == (2, 1, [])
     assert [(d.id, d.failures) for d in outcome.failed] == [("id3", 1)]
     assert batch.records is None  # its deliveries carry the failures from now on
-    assert sorted(r["id"] for r in rows(sink)) == ["id0", "id1"]
+    assert sorted(r["id"] for r in rows(sink)) == ["id0", "id1", "id2"]
     sink.close()
 
 
@@ -257,4 +332,24 @@ def test_a_columnar_batch_goes_through_the_users_transform(db_url):
     (outcome,) = sink.store([Batch(0, 1, records=records)])
     assert outcome.inserted == 1 and [d.id for d in outcome.failed] == ["id1"]
     assert rows(sink)[0]["payload"] == {"n": 0, "seen": True}
+    sink.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("what", ["id with NUL", "key with NUL", "producer over 255 chars"])
+def test_a_record_postgresql_refuses_in_both_tables_is_stuck_not_retried_for_ever(pg_url, what):
+    """Case 3 of "Faults without loss": PostgreSQL refuses NUL in any text column and names
+    over 255 characters, in ``records`` and in ``dead_letters`` alike."""
+    record_id, key, producer = {"id with NUL": ("a\x00b", None, "8080"),
+                                "key with NUL": ("k", "a\x00b", "8080"),
+                                "producer over 255 chars": ("p", None, "x" * 300)}[what]
+    sink = Sink.open(pg_url, "9090", max_attempts=2)
+    bad = Delivery(0, 1, record_id, key, producer, 1_700_000_000.0, 1, b"{}")
+    first = sink.store([Batch(0, 1, [delivery(0), bad])])[0]
+    assert first.inserted == 1 and [d.id for d in first.failed] == [record_id]
+    second = sink.store([Batch(0, 1, first.failed)])[0]
+    assert (second.failed, second.dead, second.done) == ([], [], True)
+    assert [d.id for d in second.stuck] == [record_id]
+    assert "dead letter refused" in second.stuck[0].last_error
+    assert [r["id"] for r in rows(sink)] == ["id0"] and rows(sink, DEAD_LETTERS) == []
     sink.close()

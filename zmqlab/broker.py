@@ -485,7 +485,7 @@ class Broker(Node):
         if state is not None and named == state.token:
             self._send_consumer(state, Command.ERR, header, now)
             return
-        if named is not None:
+        if isinstance(named, str) and len(named) <= 64:  # echoed, so bounded
             header["session"] = named
         self._send(Side.BACKEND, identity, proto.encode(Command.ERR, header))
 

@@ -233,7 +233,7 @@ class Batch:
     __slots__ = ("partition", "epoch", "session", "_records", "_deliveries")
 
     def __init__(self, partition: int, epoch: int, deliveries: list[Delivery] | None = None,
-                 session: int = 0, *, records: Records | None = None) -> None:
+                 session: str = "", *, records: Records | None = None) -> None:
         if (deliveries is None) == (records is None):
             raise TypeError("a Batch is made of deliveries or of records, one of the two")
         if records is not None:
@@ -242,7 +242,7 @@ class Batch:
                 raise ValueError(f"a Batch's columns differ in length: {lengths}")
         self.partition = partition
         self.epoch = epoch
-        self.session = session  # the consumer's registration this batch belongs to
+        self.session = session  # the broker session that delivered it (its ACK names it)
         self._records = records
         self._deliveries = deliveries
 
@@ -289,9 +289,13 @@ class Outcome:
     duplicates: int = 0
     dead: list[int] = field(default_factory=list)  # offsets that went to dead letters
     failed: list[Delivery] = field(default_factory=list)  # retry these, the batch is not done
+    # Stored nowhere: refused by ``records`` and by ``dead_letters``. Never acknowledged, so
+    # the broker keeps them in flight; ``last_error`` says why (see ``Sink.store``).
+    stuck: list[Delivery] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
+        """Nothing left to retry now (``stuck`` records wait for the broker to redeliver)."""
         return not self.failed
 
 
@@ -379,49 +383,48 @@ class Sink:
         """Store batches in one transaction; raise SinkUnavailable to have them all retried.
 
         If the transaction fails for something other than connection trouble, each record is
-        tried on its own so that one bad record cannot hold back the others: it is retried
-        (``failed``) until its attempts reach ``max_attempts``, then dead-lettered.
+        tried on its own so that one bad record cannot hold back the others. A record that
+        failed is retried (``failed``) until its deliveries and failures here exceed
+        ``max_attempts``; then it is buried in ``dead_letters`` with the error it failed with.
+        Every record gets a real insert first, however often it was delivered, because a
+        record redelivered after a lost ACK is usually stored already: burying it unseen
+        would list it as dead while it is stored. An id already in ``records`` is never
+        buried. A record that ``dead_letters`` refuses too is ``stuck``: reported loudly and
+        left unacknowledged, so it stays in the broker instead of being lost or retried here
+        for ever while the consumer's other records wait.
         """
         outcomes = [Outcome(b) for b in batches]
         now = datetime.now(UTC)
         stored_at = self._when(now.timestamp())
-        limit = self.max_attempts
-        exhausted = [(o, d) for o in outcomes if _may_be_exhausted(o.batch, limit)
-                     for d in o.batch.deliveries if d.attempt + d.failures > limit]
         fresh = [self._rows(o, stored_at) for o in outcomes]
         try:
             with self._transaction() as conn:
                 self._insert(conn, fresh)
-                self._bury(conn, exhausted, now)
-            return outcomes
         except exc.SQLAlchemyError as error:
             if _is_unavailable(error):
                 raise SinkUnavailable(_describe(error)) from error
             log.warning("batch insert failed (%s); trying its records one by one", _describe(error))
-        for outcome in outcomes:
-            outcome.inserted = outcome.duplicates = 0
-            outcome.dead = []
-        for outcome, deliveries, rows in fresh:
-            if deliveries is None:
-                deliveries = outcome.batch.deliveries
-            for delivery, row in zip(deliveries, rows, strict=True):
-                self._store_one(outcome, delivery, now, row)
-        for outcome, delivery in exhausted:
-            self._store_one(outcome, delivery, now, None)
+            for outcome in outcomes:
+                outcome.inserted = outcome.duplicates = 0
+            for outcome, deliveries, rows in fresh:
+                if deliveries is None:
+                    deliveries = outcome.batch.deliveries
+                for delivery, row in zip(deliveries, rows, strict=True):
+                    self._store_one(outcome, delivery, row)
+        self._bury(outcomes, now)
         return outcomes
 
     def _rows(self, outcome: Outcome, stored_at: Any) -> _Rows:
-        """The driver-ready rows (COLUMNS order) of a batch's records that still have attempts
-        left; a record the user's transform refuses is marked failed instead.
+        """The driver-ready rows (COLUMNS order) of a batch's records; a record the user's
+        transform refuses is marked failed instead.
 
         A columnar batch becomes rows in one ``zip`` (no Python bytecode per record); a batch of
         deliveries in one comprehension. Each distinct creation time is formatted once (a
         client's batch shares one), because formatting a time is costly per record."""
-        limit, consumer = self.max_attempts, self.consumer
+        consumer = self.consumer
         when = self._when
         records = outcome.batch.records
-        # the hot path: columns in, rows out, all in C. ``store`` already made deliveries of
-        # any batch that may hold an exhausted record, so columns left here have none.
+        # the hot path: columns in, rows out, all in C
         if records is not None and self.transform is None:
             # strict, with bounded repeats: a column that changed length after the batch was
             # made must fail the batch, not store it short and have the rest acknowledged
@@ -433,7 +436,7 @@ class Sink:
                                                               records.created_us),
                             repeat(stored_at, n), records.attempts, strict=True))
             return outcome, None, rows
-        deliveries = [d for d in outcome.batch.deliveries if d.attempt + d.failures <= limit]
+        deliveries = outcome.batch.deliveries
         times = {t: when(t) for t in {d.created_at for d in deliveries}}
         if self.transform is None:  # the hot path: the JSON text goes in as it came
             rows = [(d.id, d.partition, d.offset, d.key, d.producer, consumer,
@@ -495,24 +498,69 @@ class Sink:
         return (f"SELECT id, consumer, stored_at FROM {self._table} "
                 f"WHERE id IN ({', '.join([self._marker] * count)})")
 
-    def _bury(self, conn: Any, items: list[tuple[Outcome, Delivery]], now: datetime) -> None:
+    def _bury(self, outcomes: list[Outcome], now: datetime) -> None:
+        """Move the failed records that have used up their attempts to ``dead_letters`` (in
+        one transaction, or one by one if that fails); ids already in ``records`` count as
+        duplicates instead."""
+        limit = self.max_attempts
+        items = [(o, d) for o in outcomes for d in o.failed if d.attempt + d.failures > limit]
         if not items:
             return
-        conn.execute(self._insert_dead, [self._dead_row(d, now) for _, d in items])
+        try:
+            self._bury_now(items, now)
+            return
+        except exc.SQLAlchemyError as error:
+            if _is_unavailable(error):
+                raise SinkUnavailable(_describe(error)) from error
+            if len(items) == 1:
+                self._stuck(*items[0], _describe(error))
+                return
         for outcome, delivery in items:
+            try:
+                self._bury_now([(outcome, delivery)], now)
+            except exc.SQLAlchemyError as error:
+                if _is_unavailable(error):
+                    raise SinkUnavailable(_describe(error)) from error
+                self._stuck(outcome, delivery, _describe(error))
+
+    def _bury_now(self, items: list[tuple[Outcome, Delivery]], now: datetime) -> None:
+        """One transaction: bury those of ``items`` whose id is not in ``records``; the
+        outcomes change only once it committed."""
+        with self._transaction() as conn:
+            stored = self._stored_ids(conn, [d.id for _, d in items])
+            dead = [(o, d) for o, d in items if d.id not in stored]
+            if dead:
+                conn.execute(self._insert_dead, [self._dead_row(d, now) for _, d in dead])
+        for outcome, delivery in items:
+            outcome.failed = [d for d in outcome.failed if d is not delivery]
+            if delivery.id in stored:  # stored by an earlier delivery: nothing is lost
+                outcome.duplicates += 1
+                continue
             outcome.dead.append(delivery.offset)
             log.warning("dead letter id=%s partition=%d offset=%d attempts=%d error=%s",
                         delivery.id, delivery.partition, delivery.offset,
                         delivery.attempt + delivery.failures - 1, delivery.last_error)
 
-    def _store_one(self, outcome: Outcome, delivery: Delivery, now: datetime,
-                   row: tuple[Any, ...] | None) -> None:
+    def _stored_ids(self, conn: Any, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            rows = conn.exec_driver_sql(self._sql_lookup(len(chunk)), tuple(chunk)).fetchall()
+            found.update(row[0] for row in rows)
+        return found
+
+    def _stuck(self, outcome: Outcome, delivery: Delivery, error: str) -> None:
+        outcome.failed = [d for d in outcome.failed if d is not delivery]
+        delivery.last_error = f"{delivery.last_error}; dead letter refused: {error}"
+        outcome.stuck.append(delivery)
+        log.error("record id=%r partition=%d offset=%d can be stored neither in records nor in "
+                  "dead_letters (%s): left unacknowledged in the broker",
+                  delivery.id, delivery.partition, delivery.offset, delivery.last_error)
+
+    def _store_one(self, outcome: Outcome, delivery: Delivery, row: tuple[Any, ...]) -> None:
         try:
             with self._transaction() as conn:
-                if row is None:
-                    self._bury(conn, [(outcome, delivery)], now)
-                else:
-                    self._insert(conn, [(outcome, [delivery], [row])])
+                self._insert(conn, [(outcome, [delivery], [row])])
         except exc.SQLAlchemyError as error:
             if _is_unavailable(error):
                 raise SinkUnavailable(_describe(error)) from error
@@ -537,8 +585,7 @@ class Sink:
                 "producer": d.producer, "consumer": self.consumer,
                 "payload": _text(d.payload),
                 "created_at": datetime.fromtimestamp(d.created_at, UTC), "failed_at": now,
-                "attempts": d.attempt + d.failures - 1,
-                "last_error": d.last_error or "delivered without acknowledgement (consumer died)"}
+                "attempts": d.attempt + d.failures - 1, "last_error": d.last_error}
 
 
 class _WriterLock:
@@ -588,16 +635,6 @@ class _WriterLock:
 def _chained(lock: _WriterLock, transaction: Any) -> Iterator[Any]:
     with lock, transaction as conn:
         yield conn
-
-
-def _may_be_exhausted(batch: Batch, limit: int) -> bool:
-    """Whether a record of the batch may have used up its attempts. Only then must its
-    records become deliveries, one by one, to find the dead letters; a columnar batch has no
-    failures yet, so one ``max`` over its attempts column rules that out for the hot path."""
-    records = batch.records
-    if records is None:
-        return True
-    return bool(records.attempts) and max(records.attempts) > limit
 
 
 def _text(payload: bytes) -> str:

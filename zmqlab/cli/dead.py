@@ -41,7 +41,8 @@ def dead_replay(
     timeout_ms: Annotated[int, typer.Option(min=10)] = REPLY_TIMEOUT_MS,
     retries: Annotated[int, typer.Option(min=0)] = 3,
 ) -> None:
-    """Put dead letters back in the queue (all, or --id ones); each is deleted once acked."""
+    """Put dead letters back in the queue (all, or --id ones); each is deleted once the broker
+    queued it anew, or when its id is already stored."""
     from zmqlab.deadletters import replay
 
     with failing():
@@ -49,11 +50,15 @@ def dead_replay(
     for ack in report.replayed:
         out.print(f"replayed id={ack.id} partition={ack.partition} (Q{ack.partition + 1}) "
                   f"offset={ack.offset}", highlight=False)
+    for ack in report.kept:
+        err.print(f"kept id={ack.id}: the broker still holds it (partition {ack.partition}, "
+                  f"offset {ack.offset}) and it is not stored yet; replay it again later",
+                  highlight=False)
     for refusal in report.refused:
         err.print(f"refused id={refusal.id}: {refusal.code} {refusal.reason}", highlight=False)
     for missing in report.missing:
         err.print(f"not a dead letter: {missing}", highlight=False)
-    out.print(f"{len(report.replayed)} replayed, {len(report.refused)} refused, "
-              f"{len(report.missing)} not found", highlight=False)
-    if report.refused or report.missing:
+    out.print(f"{len(report.replayed)} replayed, {len(report.kept)} kept, "
+              f"{len(report.refused)} refused, {len(report.missing)} not found", highlight=False)
+    if report.refused or report.missing or report.kept:
         raise typer.Exit(1)
