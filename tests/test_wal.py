@@ -179,3 +179,46 @@ def test_every_pass_shares_one_fsync(make_broker, tmp_path):
         put(broker, b"{}", b"{}", ids=[f"a{n}", f"b{n}"])
     broker._sync(clock())
     assert broker.wal.syncs == syncs + 1 and broker.wal.synced_entries >= 10
+
+
+def test_a_stuck_record_keeps_its_segment_and_the_later_ones_so_replay_is_exact(make_broker,
+                                                                                  tmp_path):
+    # Given partition 0 holds an unacknowledged record in the first segment, while partition 1
+    # gets records that are acknowledged, over several segments
+    broker, clock = durable(make_broker, tmp_path, partitions=2, segment_bytes=4096)
+    for name in ("9090", "9091"):  # 9090 owns partition 0, 9091 partition 1
+        consumer_says(broker, name, Command.HELLO)
+        consumer_says(broker, name, Command.FETCH, {"credit": 1000})
+    put(broker, b"{}", ids=["stuck"], key=key_for(broker, 0))
+    (held,) = to(broker, "9090")
+    settled = []
+    for n in range(12):
+        put(broker, b'{"pad":"' + b"x" * 700 + b'"}', ids=[f"id-{n}"], key=key_for(broker, 1))
+        for message in to(broker, "9091"):
+            for batch in message.header.get("batches", []):
+                consumer_says(broker, "9091", Command.ACK, {"acks": [
+                    {"partition": 1, "epoch": batch["epoch"], "offsets": batch["offsets"]}]})
+                settled += batch["ids"]
+        broker.wal.maybe_roll(broker._positions())
+        broker.tick(clock())
+    kept = [int(name[:-4]) for name in segments(tmp_path)]
+    assert len(settled) == 12 and kept == list(range(1, kept[-1] + 1)) and len(kept) >= 3
+    # When the broker restarts, only the unacknowledged record is back
+    broker, clock = restart(broker, make_broker, tmp_path, partitions=2, segment_bytes=4096)
+    assert broker.partitions[0].held_ids() == ["stuck"] and broker.partitions[1].depth == 0
+    # And once it is acknowledged, the old segments go
+    consumer_says(broker, "9090", Command.HELLO)
+    (again,) = consumer_says(broker, "9090", Command.FETCH, {"credit": 10})[-1:]
+    consumer_says(broker, "9090", Command.ACK, {"acks": [
+        {"partition": 0, "epoch": only_batch(again)["epoch"],
+         "offsets": only_batch(again)["offsets"]}]})
+    broker.tick(clock())
+    assert len(segments(tmp_path)) == 1
+    del held
+
+
+def key_for(broker: Any, partition: int) -> str:
+    from zmqlab.intake import partition_of
+
+    count = len(broker.partitions)
+    return next(k for k in map(str, range(1000)) if partition_of(k, count) == partition)

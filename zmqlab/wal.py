@@ -14,9 +14,12 @@ batches do). An entry is::
 - ``CHECKPOINT``: every partition's head and tail, first in each segment, so offsets never go
   backwards even when every segment before it was deleted.
 
-A segment is deleted once every record it appended is acknowledged. Recovery reads segments
-in order and stops at the first entry whose length or checksum is wrong: that torn or
-corrupt tail is cut off (the file truncated, later segments removed), never replayed.
+Segments are deleted oldest first, each once every record it appended is acknowledged: the
+log always starts at a segment boundary, so replaying what is left is exact (a record stuck
+unacknowledged keeps its segment and the later ones, as a log start offset does in Kafka).
+Recovery reads segments in order and stops at the first entry whose length or checksum is
+wrong: that torn or corrupt tail is cut off (the file truncated, later segments removed),
+never replayed.
 A failed ``fsync`` is fatal (a retried fsync can report success for pages the kernel already
 dropped: PostgreSQL's lesson); a failed write refuses what it would have acknowledged.
 """
@@ -328,18 +331,14 @@ class Log:
 
     # -- cleaning -----------------------------------------------------------------------------
     def delete_settled(self, heads: Sequence[int]) -> int:
-        """Delete the segments (not the one being written) whose every appended record is
-        acknowledged; returns how many."""
-        keep: list[Segment] = []
+        """Delete the oldest segments (never the one being written) while every record each
+        appended is acknowledged; returns how many."""
         deleted = 0
-        for segment in self.segments[:-1]:
-            if all(heads[p] > last for p, last in segment.last_offset.items()):
-                os.unlink(segment.path)
-                deleted += 1
-            else:
-                keep.append(segment)
+        while len(self.segments) > 1 and all(
+                heads[p] > last for p, last in self.segments[0].last_offset.items()):
+            os.unlink(self.segments.pop(0).path)
+            deleted += 1
         if deleted:
-            self.segments[:-1] = keep
             self._sync_directory()
         return deleted
 
@@ -353,9 +352,12 @@ class Log:
         return out
 
     def close(self) -> None:
+        """Flush and close; a failure here was already reported by the sync that failed."""
         if self._fd >= 0:
             try:
                 self.sync()
+            except DiskFailure:
+                log.error("the log could not be flushed on close")
             finally:
                 os.close(self._fd)
                 self._fd = -1
