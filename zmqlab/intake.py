@@ -87,7 +87,7 @@ class Intake:
         which keeps batches whole on every later hop); the rest is answered per record."""
         columns = Columns.of(header)
         payloads = proto.split_payloads(columns.sizes, [blob])
-        not_json = proto.invalid_objects(payloads)
+        not_json = proto.invalid_objects(payloads, self.max_payload_bytes)
         errors: list[list[Any]] = []
         dups: list[list[Any]] = []
         repeats: list[int] = []

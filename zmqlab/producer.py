@@ -52,7 +52,7 @@ from zmqlab.node import (
     send_reply,
     serve_requests,
 )
-from zmqlab.protocol import MAX_FRAME_BYTES, MAX_NAME_CHARS, Command
+from zmqlab.protocol import MAX_FRAME_BYTES, MAX_HEADER_BYTES, MAX_NAME_CHARS, Command
 
 BYE_WAIT_MS = 250  # an answer to BYE comes at once; this bounds close() when the peer is gone
 MAX_REREGISTRATIONS = 3  # NOT_REGISTERED answers one request may meet before it gives up
@@ -176,14 +176,15 @@ def encode_put(records: Sequence[OutRecord]) -> list[bytes]:
 
 def fitting_puts(records: Sequence[OutRecord],
                  indices: list[int]) -> list[tuple[list[int], list[bytes]]]:
-    """``records[indices]`` as PUTs whose frames fit in ``MAX_FRAME_BYTES``: (indices, frames)
-    each, in order; a batch that does not fit is halved until it does.
+    """``records[indices]`` as PUTs whose frames fit (payload ``MAX_FRAME_BYTES``, header
+    ``MAX_HEADER_BYTES``): (indices, frames) each, in order; a batch that does not fit is
+    halved until it does.
 
     Everything is encoded before anything is sent, so a record no PUT can carry (ConfigError)
     refuses the whole batch, not its second half.
     """
     frames = _encode_put([records[i] for i in indices])
-    if max(len(frames[2]), len(frames[3])) <= MAX_FRAME_BYTES:
+    if len(frames[2]) <= MAX_HEADER_BYTES and len(frames[3]) <= MAX_FRAME_BYTES:
         return [(indices, frames)]
     if len(indices) == 1:
         encode_put([records[indices[0]]])  # raises the ConfigError that says why
@@ -690,7 +691,14 @@ class ProducerService(Node):
         if reply.command is Command.ACK and len(bodies) == len(batch.puts):
             replies = []
             for body in bodies:
-                answer = proto.parse_header(body)  # small: runs, not a list per record
+                try:
+                    answer = proto.parse_header(body)  # small: runs, not a list per record
+                except ProtocolError as exc:  # its client retries (ids make that safe); the
+                    self.stats["refused"] += 1  # other parts are answered as usual
+                    replies.append(proto.encode_err(ErrorCode.UNAVAILABLE, f"the broker's "
+                                                    f"answer to this part is unreadable "
+                                                    f"({exc.reason}); retry"))
+                    continue
                 if "code" in answer:  # the broker refused this part as a whole
                     self.stats["refused"] += 1
                     replies.append(proto.encode_parts(Command.ERR, [body]))

@@ -19,6 +19,13 @@ the per-record share of every header is little more than an id; times travel as 
 microseconds (an int encodes faster than a float's repr). Consumers' DEALER sockets send the
 empty delimiter that a REQ socket would add, so one parser serves both sides of the broker.
 docs/protocol.md is the specification of every field; docs/performance.md has the figures.
+
+Every decoder here bounds what it reads before it recurses or allocates, because every byte
+it reads may come from anyone who can connect: a header frame is refused ``BAD_MESSAGE``
+unparsed when it is larger than ``MAX_HEADER_BYTES`` or nests deeper than
+``MAX_HEADER_DEPTH``; runs are refused before they are expanded past ``MAX_RUN_OFFSETS``;
+payload sizes are checked before a payload is cut; and a payload nested too deep for the
+JSON decoder is reported invalid, never raised.
 """
 
 from __future__ import annotations
@@ -46,6 +53,16 @@ MAX_NAME_CHARS = 255  # producer and consumer names (a name is stored with every
 # ZMQ_MAXMSGSIZE to this, so a peer cannot make a node allocate without bound; senders split
 # what is bigger.
 MAX_FRAME_BYTES = 64 * 1_048_576
+# A header frame: twice the 8.5 MB of 1,000 records (a PUT part, a RECORDS batch) whose ids,
+# keys and producer names are as long as allowed and all escaped (6 bytes a character).
+MAX_HEADER_BYTES = 16 * 1_048_576
+# JSON nesting of a header: zmqlab's own nest 5 deep at most (RECORDS: object, batches, batch,
+# offsets, run), and a bound far under Python's recursion limit keeps every later recursion
+# over a header (msgspec, repr, ==) shallow in any thread.
+MAX_HEADER_DEPTH = 32
+# Offsets that runs may name: each names a record whose id travels in the same header, and an
+# id takes at least 4 bytes there ('"x",').
+MAX_RUN_OFFSETS = MAX_HEADER_BYTES // 4
 SOCKET_HWM = 1000  # messages queued per peer and direction before a socket pushes back
 # 9999-12-31 00:00 UTC in microseconds: past year 9999 neither Python's datetime nor the
 # databases hold a time; a day short, so a consumer's float seconds cannot round past it.
@@ -88,27 +105,40 @@ _ENCODE = msgspec.json.Encoder().encode
 
 
 def parse_json(data: bytes) -> Any:
-    """One JSON value from UTF-8 bytes; ValueError (with msgspec's reason) if it is not."""
+    """One JSON value from UTF-8 bytes; ValueError (with msgspec's reason) if it is not, or
+    if it nests deeper than the decoder may recurse (msgspec raises RecursionError then)."""
     try:
         return _DECODE(data)
     except msgspec.DecodeError as exc:
         raise ValueError(str(exc)) from None
+    except RecursionError:
+        raise ValueError("JSON nested too deep to decode") from None
 
 
-def invalid_objects(payloads: Sequence[bytes]) -> set[int]:
+def invalid_objects(payloads: Sequence[bytes], max_bytes: int | None = None) -> set[int]:
     """Indices of the payloads that are not one JSON object each (none, nearly always: one
-    pass in C finds that out, and only a batch with a bad payload is checked one by one)."""
+    pass in C finds that out, and only a batch with a bad payload is checked one by one).
+
+    A payload nested deeper than the decoder may recurse (about Python's recursion limit,
+    1,000 levels, less the stack in use) is one of them. So is one longer than ``max_bytes``,
+    without being decoded: what it would allocate grows with its size (a payload of ``{},``
+    repeated makes a 64-byte dict of every 3 bytes).
+    """
     check = _DECODE_OBJECT
-    try:
-        deque(map(check, payloads), 0)
-        return set()
-    except msgspec.DecodeError:
-        pass
+    if max_bytes is None or not payloads or max(map(len, payloads)) <= max_bytes:
+        try:
+            deque(map(check, payloads), 0)
+            return set()
+        except (msgspec.DecodeError, RecursionError):
+            pass
     bad: set[int] = set()
     for index, payload in enumerate(payloads):
+        if max_bytes is not None and len(payload) > max_bytes:
+            bad.add(index)
+            continue
         try:
             check(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             bad.add(index)
     return bad
 
@@ -176,16 +206,82 @@ def put_parts(message: Message) -> list[tuple[bytes | dict[str, Any], bytes]]:
 
 
 def parse_header(frame: bytes | dict[str, Any]) -> dict[str, Any]:
-    """A header frame as a JSON object, or ProtocolError."""
+    """A header frame as a JSON object, or ProtocolError; a frame larger than
+    ``MAX_HEADER_BYTES`` or nested deeper than ``MAX_HEADER_DEPTH`` is refused unparsed."""
     if isinstance(frame, dict):
         return frame
+    if not frame:
+        return {}
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header of {len(frame)} bytes is larger "
+                            f"than {MAX_HEADER_BYTES}")
+    if not nests_at_most(frame, MAX_HEADER_DEPTH):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header nests deeper than "
+                            f"{MAX_HEADER_DEPTH} levels (or its brackets do not balance)")
     try:
-        header = parse_json(frame) if frame else {}
+        header = parse_json(frame)
     except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header must be a JSON object")
     return header
+
+
+_OPENERS = (b"[", b"{")
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+# Pieces are joined a chunk at a time: ``bytes.join`` takes an 80-byte buffer per piece.
+_CHUNK_BYTES = 65_536
+
+
+def nests_at_most(frame: bytes, limit: int) -> bool:
+    """Whether JSON ``frame`` nests at most ``limit`` arrays and objects deep, in a few steps
+    of C each (a frame whose brackets do not balance may count as deeper: it is not JSON).
+
+    A frame with at most ``limit`` opening brackets cannot nest deeper: a count, or a few
+    ``find`` calls (memchr) in a longer frame, tell, and nearly every header stops there
+    (0.4 µs for a PUT of 100 records, 0.2 µs for a heartbeat).
+    Otherwise the strings are cut out (brackets in them do not nest), every other byte but
+    the brackets is dropped, and the innermost pairs are removed ``limit`` times: what is left
+    nests deeper, or does not balance. Each step is linear in the frame and allocates about
+    its size: a hostile frame of ``MAX_HEADER_BYTES`` costs 1-2 s, less than decoding the
+    worst JSON of that size (``[[],[],…]``: 3 s and 20 times its size).
+    """
+    if len(frame) <= 512:  # two counts are cheaper than a find per bracket here
+        if frame.count(b"[") + frame.count(b"{") <= limit:
+            return True
+        return _nests_at_most(frame, limit)
+    budget = limit
+    for opener in _OPENERS:
+        at = frame.find(opener)
+        while at >= 0:
+            budget -= 1
+            if budget < 0:
+                return _nests_at_most(frame, limit)
+            at = frame.find(opener, at + 1)
+    return True
+
+
+def _nests_at_most(frame: bytes, limit: int) -> bool:
+    if b"\\" in frame:  # an escaped backslash or quote does not end a string
+        frame = frame.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Brackets and quotes only; an empty string goes (two quotes side by side, whatever they
+    # were, leave every other quote opening or closing what it did); then what is outside
+    # the strings, every other piece between quotes.
+    structure = frame.translate(_SQUARE, _NOT_STRUCTURE).replace(b'""', b"")
+    outside: list[bytes] = []
+    inside = 0  # whether the chunk starts inside a string
+    for start in range(0, len(structure), _CHUNK_BYTES):
+        pieces = structure[start:start + _CHUNK_BYTES].split(b'"')
+        outside.append(b"".join(pieces[inside::2]))
+        inside ^= (len(pieces) - 1) & 1
+    brackets = b"".join(outside)
+    for _ in range(limit):
+        shorter = brackets.replace(b"[]", b"")
+        if len(shorter) == len(brackets):
+            return not brackets  # no pair left: done, or it does not balance
+        brackets = shorter
+    return not brackets
 
 
 def to_runs(offsets: Sequence[int]) -> list[list[int]]:
@@ -201,11 +297,16 @@ def to_runs(offsets: Sequence[int]) -> list[list[int]]:
     return runs
 
 
-def from_runs(runs: Sequence[Any]) -> list[int]:
-    """The offsets of runs ``[first, count > 0]``, or ProtocolError."""
+def from_runs(runs: Sequence[Any], limit: int = MAX_RUN_OFFSETS) -> list[int]:
+    """The offsets of runs ``[first, count > 0]``, or ProtocolError; runs that name more than
+    ``limit`` offsets are refused before they are expanded."""
     if not all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
                and r[1] > 0 for r in runs):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be runs [first offset, count > 0]")
+    total = sum(r[1] for r in runs)
+    if total > limit:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"runs name {total} offsets, more than "
+                            f"{limit}")
     if len(runs) == 1:
         return list(range(runs[0][0], runs[0][0] + runs[0][1]))
     return [o for first, count in runs for o in range(first, first + count)]
@@ -246,7 +347,8 @@ def join_payloads(payloads: Sequence[bytes]) -> list[bytes]:
 
 
 def split_payloads(sizes: Sequence[Any], frames: Sequence[bytes]) -> list[bytes]:
-    """Cut a batch's payload frame into one bytes object per record."""
+    """Cut a batch's payload frame into one bytes object per record (together no more bytes
+    than the frame, however many sizes there are)."""
     if not sizes:
         if any(frames):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "payload bytes but no records")
@@ -260,9 +362,9 @@ def split_payloads(sizes: Sequence[Any], frames: Sequence[bytes]) -> list[bytes]
     for size in sizes:
         if type(size) is not int or size < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"record size must be an integer >= 0, "
-                                f"got {size!r}")
+                                f"got {size!r:.40}")
         end = position + size
-        out.append(blob[position:end])
+        out.append(blob[position:end])  # past the frame's end a slice is empty: no allocation
         position = end
     if position != len(blob):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"record sizes add up to {position} bytes but "
