@@ -33,11 +33,14 @@ class Up:
         base = free_port_block(12)
         self.front, self.back = base, base + 1
         self.producers, self.consumers = base + 2, base + 6
+        self.status = f"tcp://127.0.0.1:{base + 10}"
+        self.data_dir = tmp_path / "data"
         self.db_url = f"sqlite:///{tmp_path / 'up.db'}"
         errors = (tmp_path / "up.err").open("w")
         self.process = subprocess.Popen(
             [*ZMQLAB, "up", "--frontend-port", str(self.front), "--backend-port", str(self.back),
              "--producer-port", str(self.producers), "--consumer-port", str(self.consumers),
+             "--status-port", str(base + 10), "--data-dir", str(self.data_dir),
              "--db", self.db_url, "--heartbeat-ms", "300", "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=errors, text=True, stdin=subprocess.DEVNULL)
         errors.close()
@@ -105,7 +108,8 @@ def test_up_send_status_then_stop_cleanly(up: Up):
     assert sorted(r[0] for r in rows) == sorted(ids)
     engine.dispose()
 
-    status = run("status", "--json", "--broker", f"tcp://127.0.0.1:{up.front}")
+    status = run("status", "--json", "--broker", f"tcp://127.0.0.1:{up.front}",
+                 "--supervisor", up.status)
     assert status.returncode == 0, status.stderr
     snap = json.loads(status.stdout)
     assert [p["owner"] for p in snap["partitions"]] == [
@@ -113,8 +117,17 @@ def test_up_send_status_then_stop_cleanly(up: Up):
     assert sum(p["acked"] for p in snap["partitions"]) == 3
     assert sorted(c["name"] for c in snap["consumers"]) == [
         str(up.consumers + i) for i in range(3)]
-    table = run("status", "--broker", f"tcp://127.0.0.1:{up.front}")
+    # up's broker is durable by default, and up answers for its nodes
+    assert snap["log"]["dir"] == str(up.data_dir)
+    assert all("disk_bytes" in p and "segments" in p for p in snap["partitions"])
+    nodes = snap["supervisor"]["nodes"]
+    assert [(n["role"], n["state"], n["restarts"]) for n in nodes] == [
+        ("broker", "running", 0)] + [("consumer", "running", 0)] * 3 + [
+        ("producer", "running", 0)] * 3
+    table = run("status", "--broker", f"tcp://127.0.0.1:{up.front}", "--supervisor", up.status)
     assert "Q6" in table.stdout and str(up.consumers) in table.stdout
+    assert "segs" in table.stdout and "nodes" in table.stdout
+    assert str(nodes[0]["pid"]) in table.stdout
 
     assert up.stop() == 0
     assert "stopped:" in "".join(up.wait_for("stopped:"))

@@ -207,7 +207,8 @@ class Consumer(Node):
         finally:
             self._stopping.set()
             self._jobs.put(None)
-            worker.join(self.config.drain_timeout_s + 5)
+            if worker.is_alive():  # not started when the status port could not be bound
+                worker.join(self.config.drain_timeout_s + 5)
             if self._dealer is not None:
                 self._dealer.close(0)
             if status is not None:

@@ -28,18 +28,49 @@ def partitions_of(consumer: dict[str, Any]) -> str:
     return " ".join(f"Q{p + 1}" for p in consumer["partitions"]) or "-"
 
 
+def human_bytes(n: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``12.0 MiB``, ``3.2 GiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def broker_title(snap: dict[str, Any]) -> str:
+    """The partition table's title: uptime, readiness, and where the log is when there is one."""
+    title = f"zmqlab broker — up {snap['uptime_s']:.0f} s"
+    if not snap["ready"]:
+        title += f" — NOT READY: {snap['waiting']}"
+    wal = snap.get("log")
+    if wal:
+        title += f"\nlog {wal['dir']} — fsync {wal['fsync']}, {wal['segments']} segment(s)"
+        if wal.get("recovered"):
+            title += f", {wal['recovered']} record(s) recovered at start"
+    return title
+
+
 def render_status(snap: dict[str, Any]) -> Table:
-    """``zmqlab status``: partitions, then consumers, then producers, one table each."""
-    table = Table(title=f"zmqlab broker — up {snap['uptime_s']:.0f} s"
-                        + ("" if snap["ready"] else f" — NOT READY: {snap['waiting']}"))
-    for column in ("partition", "depth", "capacity", "in flight", "owner", "epoch", "acked"):
+    """``zmqlab status``: partitions (with disk use when the broker keeps a log), consumers,
+    producers, and the nodes ``zmqlab up`` supervises when ``snap["supervisor"]`` has them;
+    one table each."""
+    partitions = snap["partitions"]
+    on_disk = bool(partitions) and "disk_bytes" in partitions[0]
+    table = Table(title=broker_title(snap))
+    columns = ["partition", "depth", "capacity", "in flight", "owner", "epoch", "acked"]
+    for column in columns:
         table.add_column(column, justify="right")
-    for p in snap["partitions"]:
+    if on_disk:
+        table.add_column("disk", justify="right", no_wrap=True)
+        table.add_column("segs", justify="right")
+    for p in partitions:
         owner = p["owner"] or "-"
         if p["target"] != p["owner"]:
             owner += f" -> {p['target'] or '-'}"
+        disk = [human_bytes(p["disk_bytes"]), str(p["segments"])] if on_disk else []
         table.add_row(f"Q{p['partition'] + 1}", str(p["depth"]), str(p["capacity"]),
-                      str(p["inflight"]), owner, str(p["epoch"]), str(p["acked"]))
+                      str(p["inflight"]), owner, str(p["epoch"]), str(p["acked"]), *disk)
     grid = Table.grid(padding=(1, 0))
     grid.add_row(table)
     consumers = Table(title="consumers")
@@ -55,7 +86,26 @@ def render_status(snap: dict[str, Any]) -> Table:
     for pr in snap["producers"]:
         producers.add_row(pr["name"], str(pr["records"]), f"{pr['last_seen_s']:.1f} s ago")
     grid.add_row(producers)
+    if snap.get("supervisor"):
+        grid.add_row(render_nodes(snap["supervisor"]))
     return grid
+
+
+def render_nodes(supervisor: dict[str, Any]) -> Table:
+    """The nodes ``zmqlab up`` supervises: role, name, pid, state, restarts, last exit."""
+    table = Table(title=f"nodes — supervised by zmqlab up (pid {supervisor['pid']})")
+    for column in ("role", "name", "pid", "state", "up", "restarts", "last exit"):
+        table.add_column(column, justify="right" if column in ("pid", "up", "restarts")
+                         else "left")
+    for n in supervisor["nodes"]:
+        state = n["state"]
+        if n.get("restart_in_s") is not None:
+            state += f" (restart in {n['restart_in_s']:.1f} s)"
+        uptime = "-" if n.get("uptime_s") is None else f"{n['uptime_s']:.0f} s"
+        table.add_row(n["role"], n["name"], str(n["pid"]), state, uptime, str(n["restarts"]),
+                      n.get("last_exit_text") or "-",
+                      style="red" if n["state"] in ("backoff", "fatal") else None)
+    return table
 
 
 def dead_letters_table(rows: list[dict[str, Any]], db_url: str) -> Table:

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import FrameType
@@ -126,30 +127,50 @@ def exit_stuck(why: str) -> NoReturn:
 
 
 def run_supervisor(supervisor: Supervisor, on_ready: Callable[[], None] = lambda: None,
-              tick_s: float = 0.5) -> tuple[dict[str, int], str | None]:
-    """Start a topology, call ``on_ready``, run it until SIGINT/SIGTERM or until a node exits,
-    then stop every node.
+                   tick_s: float = 0.1,
+                   status_endpoint: str | None = None) -> tuple[dict[str, int], str | None]:
+    """Start a topology, call ``on_ready``, supervise it (``Supervisor.step`` every
+    ``tick_s``: dead nodes are restarted) until SIGINT/SIGTERM or until the supervisor gives
+    up on a node, then stop every node.
 
-    Returns each node's exit code and why it ended early (None when a signal ended it). Raises
-    ZmqlabError when it cannot start, with what it started already stopped.
+    With ``status_endpoint``, ``zmqlab status`` can ask there about the nodes; it is bound
+    before any node starts, so an endpoint in use fails at once. Returns each node's exit code
+    and why it ended early (None when a signal ended it). Raises ZmqlabError when it cannot
+    start, with what it started already stopped.
     """
+    from zmqlab.topology import StatusService
+
     failures: list[str] = []
+    status = None if status_endpoint is None else StatusService(supervisor, status_endpoint)
 
     def start() -> None:
-        supervisor.start()
+        if status is not None:
+            status.start()
         try:
-            on_ready()
+            supervisor.start()
+            try:
+                on_ready()
+            except BaseException:
+                supervisor.stop()
+                raise
         except BaseException:
-            supervisor.stop()
+            if status is not None:
+                status.stop()
             raise
 
     def running() -> bool:
-        try:
-            supervisor.check_alive()
-        except ZmqlabError as exc:
-            failures.append(str(exc))
+        failure = supervisor.step(time.monotonic())
+        if failure is not None:
+            failures.append(failure)
             return False
         return True
 
-    codes = run_until_signal(start, running, supervisor.stop, tick_s)
+    def stop() -> dict[str, int]:
+        try:
+            return supervisor.stop()
+        finally:  # answered until the nodes are stopped
+            if status is not None:
+                status.stop()
+
+    codes = run_until_signal(start, running, stop, tick_s)
     return codes, failures[0] if failures else None

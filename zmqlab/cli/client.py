@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 
-from zmqlab.cli._common import fail, failing, out
+from zmqlab.cli._common import fail, out
 from zmqlab.config import REPLY_TIMEOUT_MS
 from zmqlab.errors import RecordsRefused, ZmqlabError
+
+SUPERVISOR_TIMEOUT_MS = 300  # a status endpoint on this machine answers at once, or is absent
 
 
 def send(
@@ -47,27 +49,39 @@ def send(
 
 def status(
     broker: Annotated[str, typer.Option(help="The broker's frontend.")] = "tcp://127.0.0.1:5555",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw snapshot as JSON.")] = False,
+    supervisor: Annotated[str, typer.Option(help="`zmqlab up`'s status endpoint: its nodes table is shown when it answers (silently left out when not).")] = "tcp://127.0.0.1:5557",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw snapshot as JSON (the supervisor's under \"supervisor\", null when it did not answer).")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="A live dashboard, refreshed every second.")] = False,
     for_s: Annotated[float | None, typer.Option("--for", min=0.0, help="With --watch: stop after this many seconds.")] = None,
     timeout_ms: Annotated[int, typer.Option(min=10)] = 1500,
 ) -> None:
-    """Show partitions (depth, in flight, owner, epoch), consumers and producers."""
+    """Show partitions (depth, in flight, owner, epoch, disk), consumers, producers, and the
+    nodes `zmqlab up` supervises (pid, state, restarts)."""
     if watch:
         if as_json:
             raise typer.BadParameter("--watch shows a dashboard; use --json without it",
                                      param_hint="--json")
         watch_broker(broker=broker, interval=1.0, for_s=for_s)
         return
-    from zmqlab.topology import query_status
+    from concurrent.futures import ThreadPoolExecutor
 
-    with failing(f"broker unreachable at {broker}: "):
-        snap = query_status(broker, timeout_ms=timeout_ms)
+    from zmqlab.render import render_nodes, render_status
+    from zmqlab.topology import query_status, query_supervisor
+
+    # Both at once: the supervisor's short timeout then costs nothing when it is not there.
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(query_supervisor, supervisor, min(timeout_ms, SUPERVISOR_TIMEOUT_MS))
+        try:
+            snap = query_status(broker, timeout_ms=timeout_ms)
+        except ZmqlabError as exc:
+            nodes = asked.result()
+            if nodes is not None and not as_json:
+                out.print(render_nodes(nodes))  # it may show why: the broker waits for a restart
+            fail(f"broker unreachable at {broker}: {exc}")
+        snap["supervisor"] = asked.result()
     if as_json:
         out.print_json(data=snap)
         return
-    from zmqlab.render import render_status
-
     out.print(render_status(snap))
 
 

@@ -27,12 +27,20 @@ from zmqlab.config import (
     DEFAULT_BACKEND,
     DEFAULT_DB_URL,
     DEFAULT_FRONTEND,
+    FSYNC_MODES,
     REPLY_TIMEOUT_MS,
     BrokerConfig,
     ConsumerConfig,
     ProducerConfig,
 )
 from zmqlab.protocol import MAX_FRAME_BYTES
+
+
+def _die_with_parent() -> None:
+    """``topology.die_with_parent``: a node started by ``zmqlab up`` ends with it."""
+    from zmqlab.topology import die_with_parent
+
+    die_with_parent()
 
 
 def broker(
@@ -53,6 +61,7 @@ def broker(
     log_json: LogJson = False,
 ) -> None:
     """Run the queue service (the broker)."""
+    _die_with_parent()  # a no-op unless `zmqlab up` started this process
     from zmqlab.broker import Broker
     from zmqlab.runner import run_node
 
@@ -80,6 +89,7 @@ def producer(
     log_json: LogJson = False,
 ) -> None:
     """Run a producer service: clients PUT records on its port, it forwards them in batches."""
+    _die_with_parent()  # a no-op unless `zmqlab up` started this process
     from zmqlab.producer import ProducerService
     from zmqlab.runner import run_node
 
@@ -105,6 +115,7 @@ def consumer(
     log_json: LogJson = False,
 ) -> None:
     """Run a consumer: owns partitions, stores their records in SQL, then acknowledges."""
+    _die_with_parent()  # a no-op unless `zmqlab up` started this process
     from zmqlab.consumer import Consumer
     from zmqlab.runner import run_node
 
@@ -128,34 +139,57 @@ def up(
     backend_port: Annotated[int, typer.Option(min=1, max=65535)] = 5556,
     host: Annotated[str, typer.Option(help="Address every node binds and connects on.")] = "127.0.0.1",
     db: DbUrl = DEFAULT_DB_URL,
+    data_dir: Annotated[str, typer.Option(help="The broker's write-ahead log (relative to the working directory): every acknowledged record survives a crash of the broker and is delivered after its restart.")] = "zmqlab-data",
+    memory: Annotated[bool, typer.Option("--memory", help="Keep records in the broker's memory only (no --data-dir): a broker that dies loses what it held.")] = False,
+    fsync: Annotated[str, typer.Option(help="The broker's --fsync: batch (acknowledge after the log is on disk), interval or off.")] = "batch",
+    status_port: Annotated[int, typer.Option(min=1, max=65535, help="Answer `zmqlab status` about every node (pid, state, restarts) on this port of --host.")] = 5557,
+    restart_limit: Annotated[int, typer.Option(min=1, help="A node that dies this many times within --restart-window is not restarted again: everything stops and up exits 1.")] = 5,
+    restart_window: Annotated[float, typer.Option(min=1.0, help="Seconds over which --restart-limit counts a node's deaths.")] = 60.0,
     heartbeat_ms: HeartbeatMs = 1000,
     log_level: LogLevel = "info",
     log_json: LogJson = False,
 ) -> None:
-    """Start the seed topology (broker, producers, consumers) as processes until Ctrl-C."""
+    """Start the seed topology (broker, producers, consumers) as processes and supervise it
+    until Ctrl-C: a node that dies is restarted (backoff from 0.5 s, doubling up to 30 s)."""
+    import os
+
     from zmqlab.runner import run_supervisor
-    from zmqlab.topology import Supervisor, Topology
+    from zmqlab.topology import RestartPolicy, Supervisor, Topology
 
     setup_logs(log_level, log_json)
+    if fsync not in FSYNC_MODES:
+        raise typer.BadParameter(f"must be one of {', '.join(FSYNC_MODES)}", param_hint="--fsync")
+    wal_dir = None if memory else os.path.abspath(data_dir)
     topology = Topology(host=host, frontend_port=frontend_port, backend_port=backend_port,
                         producers=producers, producer_port=producer_port, consumers=consumers,
                         consumer_port=consumer_port, partitions=partitions, capacity=capacity,
                         db_url=db, heartbeat_ms=heartbeat_ms, log_level=log_level,
-                        log_json=log_json)
+                        log_json=log_json, data_dir=wal_dir, fsync=fsync)
+    policy = RestartPolicy(max_deaths=restart_limit, window_s=restart_window)
+    status = f"tcp://{host}:{status_port}"
+
+    def say(line: str) -> None:
+        out.print(line, highlight=False, soft_wrap=True)  # one line each, whatever the width
 
     def ready() -> None:
-        out.print(f"broker    frontend {topology.frontend}  backend {topology.backend}  "
-                  f"partitions {partitions}", highlight=False)
+        say(f"broker    frontend {topology.frontend}  backend {topology.backend}  "
+            f"partitions {partitions}")
+        say("log       in memory only (--memory)" if wal_dir is None
+            else f"log       {wal_dir} (fsync {fsync})")
         for endpoint in topology.producer_endpoints():
-            out.print(f"producer  {endpoint}", highlight=False)
+            say(f"producer  {endpoint}")
         for endpoint in topology.consumer_endpoints():
-            out.print(f"consumer  {endpoint}  -> {db}", highlight=False)
-        out.print("ready: zmqlab send '{\"hello\": \"world\"}'  |  zmqlab status  |  Ctrl-C stops",
-                  highlight=False)
+            say(f"consumer  {endpoint}  -> {db}")
+        say(f"status    {status}")
+        say(f"restarts  a dead node after {policy.initial_delay_s:g} s, doubling up to "
+            f"{policy.max_delay_s:g} s; one that dies {restart_limit} times within "
+            f"{restart_window:g} s stops everything")
+        say("ready: zmqlab send '{\"hello\": \"world\"}'  |  zmqlab status  |  Ctrl-C stops")
         sys.stdout.flush()
 
     with failing():
-        codes, failure = run_supervisor(Supervisor(topology), on_ready=ready)
-    out.print("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()), highlight=False)
+        codes, failure = run_supervisor(Supervisor(topology, policy=policy), on_ready=ready,
+                                        status_endpoint=status)
+    say("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
     if failure:
         fail(failure)
