@@ -89,7 +89,7 @@ def test_a_cut_consumer_expires_its_partitions_move_and_it_rejoins(hosts, tmp_pa
     logs = [open(tmp_path / f"{n}.log", "wb") for n in ("broker", "c9090", "c9091", "c9092")]
     nodes = [
         in_ns(bns, "-m", "zmqlab", "broker", "--frontend", frontend,
-              "--backend", "tcp://0.0.0.0:5556", *beat, stderr=logs[0]),
+              "--backend", "tcp://0.0.0.0:5556", "--insecure", *beat, stderr=logs[0]),
         in_ns(cns, "-m", "zmqlab", "consumer", "--port", "9090", "--db", db_url,
               "--broker", f"tcp://{hosts['broker_ip']}:5556", *beat, stderr=logs[1]),
         in_ns(bns, "-m", "zmqlab", "consumer", "--port", "9091", "--db", db_url, *beat,

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zmqlab.errors import ConfigError
+from zmqlab.exposure import check_exposure
 from zmqlab.protocol import MAX_FRAME_BYTES, MAX_NAME_CHARS, MAX_PAYLOAD_BYTES
 
-DEFAULT_FRONTEND = "tcp://*:5555"
-DEFAULT_BACKEND = "tcp://*:5556"
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"  # loopback: other hosts only when told (exposure)
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 DEFAULT_DB_URL = "sqlite:///zmqlab.db"
 
 
@@ -25,6 +26,12 @@ def _endpoint(name: str, value: str) -> None:
     if "://" not in value:
         raise ConfigError(f"{name} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, "
                           f"got {value!r}")
+
+
+def _bind(name: str, value: str, insecure: bool) -> None:
+    """An endpoint this node binds: well formed, and on this host unless ``insecure``."""
+    _endpoint(name, value)
+    check_exposure(value, insecure=insecure, what=name)
 
 
 FSYNC_MODES = ("batch", "interval", "off")
@@ -54,10 +61,11 @@ class BrokerConfig:
     fsync_interval_ms: int = 1000
     segment_bytes: int = 64 * 1_048_576  # a log segment is closed past this size
     tick_ms: int = 100
+    insecure: bool = False  # allow binding other than loopback with nobody authenticated
 
     def __post_init__(self) -> None:
-        _endpoint("frontend", self.frontend)
-        _endpoint("backend", self.backend)
+        _bind("frontend", self.frontend, self.insecure)
+        _bind("backend", self.backend, self.insecure)
         _positive("partitions", self.partitions)
         _positive("capacity", self.capacity)
         _positive("heartbeat_ms", self.heartbeat_ms, 10)
@@ -89,7 +97,7 @@ class ProducerConfig:
 
     name: str
     broker: str = "tcp://127.0.0.1:5555"
-    ingress: str | None = None  # e.g. tcp://*:8080; None for an embedded forwarder
+    ingress: str | None = None  # e.g. tcp://127.0.0.1:8080; None for an embedded forwarder
     timeout_ms: int = REPLY_TIMEOUT_MS
     retries: int = 3
     heartbeat_ms: int = 1000
@@ -97,6 +105,7 @@ class ProducerConfig:
     max_pending: int = 50_000  # records waiting for the broker before clients are refused
     max_pending_bytes: int = 256 * 1_048_576  # the same bound in payload bytes
     tick_ms: int = 100
+    insecure: bool = False  # allow an ingress other than loopback with nobody authenticated
 
     def __post_init__(self) -> None:
         if not 0 < len(self.name) <= MAX_NAME_CHARS or "\x00" in self.name:
@@ -104,7 +113,7 @@ class ProducerConfig:
                               f"NUL, got {self.name!r:.60}")
         _endpoint("broker", self.broker)
         if self.ingress is not None:
-            _endpoint("ingress", self.ingress)
+            _bind("ingress", self.ingress, self.insecure)
         _positive("timeout_ms", self.timeout_ms, 10)
         _positive("retries", self.retries, 0)
         _positive("heartbeat_ms", self.heartbeat_ms, 10)
@@ -120,7 +129,7 @@ class ConsumerConfig:
 
     name: str  # the DEALER identity; the CLI uses the port ("9090")
     broker: str = "tcp://127.0.0.1:5556"
-    status: str | None = None  # e.g. tcp://*:9090
+    status: str | None = None  # e.g. tcp://127.0.0.1:9090
     db_url: str = DEFAULT_DB_URL
     credit: int = 10_000  # records this consumer may hold at once (prefetch window): two
     # transactions of MAX_RECORDS_PER_TRANSACTION, so the next one arrives while one commits
@@ -132,13 +141,14 @@ class ConsumerConfig:
     retry_max_s: float = 5.0
     drain_timeout_s: float = 10.0  # on stop: finish in-flight work for at most this long
     tick_ms: int = 100
+    insecure: bool = False  # allow a status endpoint other than loopback, nobody authenticated
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 255:
             raise ConfigError("consumer name must be 1 to 255 bytes (it is the socket identity)")
         _endpoint("broker", self.broker)
         if self.status is not None:
-            _endpoint("status", self.status)
+            _bind("status", self.status, self.insecure)
         if "://" not in self.db_url:
             raise ConfigError("db_url must be a SQLAlchemy URL like sqlite:///zmqlab.db, "
                               f"got {self.db_url!r}")

@@ -66,6 +66,7 @@ class Topology:
     log_json: bool = False
     data_dir: str | None = None  # the broker's write-ahead log; None keeps records in memory
     fsync: str = "batch"  # with data_dir: the broker's --fsync
+    insecure: bool = False  # a host other than loopback: the nodes get --insecure
     broker_args: tuple[str, ...] = ()
     consumer_args: tuple[str, ...] = ()
 
@@ -89,6 +90,7 @@ class Topology:
         logs = ["--log-level", self.log_level] + (["--log-json"] if self.log_json else [])
         durable = [] if self.data_dir is None else ["--data-dir", self.data_dir,
                                                     "--fsync", self.fsync]
+        logs += ["--insecure"] if self.insecure else []  # every node takes it, as the logs'
         out = [("broker", "broker", [*base, "broker", "--frontend", self.frontend,
                                       "--backend", self.backend,
                                       "--partitions", str(self.partitions),

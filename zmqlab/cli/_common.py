@@ -32,7 +32,7 @@ DbUrl = Annotated[str, typer.Option("--db", help="SQLAlchemy database URL.")]
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """One red line on stderr and exit ``code``: users never see a traceback for their mistakes."""
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -33,7 +33,12 @@ from zmqlab.config import (
     ConsumerConfig,
     ProducerConfig,
 )
+from zmqlab.exposure import check_exposure
 from zmqlab.protocol import MAX_FRAME_BYTES
+
+Insecure = Annotated[bool, typer.Option(
+    "--insecure", help="Allow binding other than loopback (127.0.0.1, ::1) although nothing "
+    "authenticates peers yet: anyone who can reach the port gets in.")]
 
 
 def _die_with_parent() -> None:
@@ -57,6 +62,7 @@ def broker(
     fsync_interval_ms: Annotated[int, typer.Option(min=1, help="With --fsync interval: how often the log is flushed.")] = 1000,
     heartbeat_ms: HeartbeatMs = 1000,
     liveness: Liveness = 3,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
     log_json: LogJson = False,
 ) -> None:
@@ -71,20 +77,21 @@ def broker(
                    expect_consumers=expect_consumers, put_wait_ms=put_wait_ms,
                    ack_timeout_ms=ack_timeout_ms, data_dir=data_dir, fsync=fsync,
                    fsync_interval_ms=fsync_interval_ms, heartbeat_ms=heartbeat_ms,
-                   liveness=liveness)
+                   liveness=liveness, insecure=insecure)
     with failing():
         run_node(Broker(config))
 
 
 def producer(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Ingress port for clients.")] = 8080,
-    host: Annotated[str, typer.Option(help="Interface to bind the ingress on.")] = "*",
+    host: Annotated[str, typer.Option(help="Address to bind the ingress on (other than loopback: with --insecure).")] = "127.0.0.1",
     broker: Annotated[str, typer.Option(help="The broker's frontend.")] = "tcp://127.0.0.1:5555",
     name: Annotated[str | None, typer.Option(help="Producer name (default: the port).")] = None,
     timeout_ms: Annotated[int, typer.Option(min=10, help="Broker reply timeout.")] = REPLY_TIMEOUT_MS,
     retries: Annotated[int, typer.Option(min=0, help="Reconnects before clients get UNAVAILABLE.")] = 3,
     max_pending_bytes: Annotated[int, typer.Option(min=MAX_FRAME_BYTES, help="Payload bytes waiting for the broker before clients' PUTs are refused UNAVAILABLE (retryable); at least one frame.")] = 256 * 1_048_576,
     heartbeat_ms: HeartbeatMs = 1000,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
     log_json: LogJson = False,
 ) -> None:
@@ -96,14 +103,15 @@ def producer(
     setup_logs(log_level, log_json)
     config = build(ProducerConfig, name=name or str(port), broker=broker,
                    ingress=f"tcp://{host}:{port}", timeout_ms=timeout_ms, retries=retries,
-                   max_pending_bytes=max_pending_bytes, heartbeat_ms=heartbeat_ms)
+                   max_pending_bytes=max_pending_bytes, heartbeat_ms=heartbeat_ms,
+                   insecure=insecure)
     with failing():
         run_node(ProducerService(config))
 
 
 def consumer(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Identity and status port.")] = 9090,
-    host: Annotated[str, typer.Option(help="Interface to bind the status port on.")] = "*",
+    host: Annotated[str, typer.Option(help="Address to bind the status port on (other than loopback: with --insecure).")] = "127.0.0.1",
     broker: Annotated[str, typer.Option(help="The broker's backend.")] = "tcp://127.0.0.1:5556",
     db: DbUrl = DEFAULT_DB_URL,
     credit: Annotated[int, typer.Option(min=1, help="Records this consumer may hold at once.")] = 10_000,
@@ -111,6 +119,7 @@ def consumer(
     transform: Annotated[str | None, typer.Option(help="package.module:function run on each payload before it is stored; raising fails the record.")] = None,
     heartbeat_ms: HeartbeatMs = 1000,
     liveness: Liveness = 3,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
     log_json: LogJson = False,
 ) -> None:
@@ -122,7 +131,7 @@ def consumer(
     setup_logs(log_level, log_json)
     config = build(ConsumerConfig, name=str(port), broker=broker, status=f"tcp://{host}:{port}",
                    db_url=db, credit=credit, max_attempts=max_attempts, transform=transform,
-                   heartbeat_ms=heartbeat_ms, liveness=liveness)
+                   heartbeat_ms=heartbeat_ms, liveness=liveness, insecure=insecure)
     node = build(Consumer, config)  # checks the database URL and the transform: bad options
     with failing():
         run_node(node)
@@ -146,6 +155,7 @@ def up(
     restart_limit: Annotated[int, typer.Option(min=1, help="A node that dies this many times within --restart-window is not restarted again: everything stops and up exits 1.")] = 5,
     restart_window: Annotated[float, typer.Option(min=1.0, help="Seconds over which --restart-limit counts a node's deaths.")] = 60.0,
     heartbeat_ms: HeartbeatMs = 1000,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
     log_json: LogJson = False,
 ) -> None:
@@ -159,14 +169,15 @@ def up(
     setup_logs(log_level, log_json)
     if fsync not in FSYNC_MODES:
         raise typer.BadParameter(f"must be one of {', '.join(FSYNC_MODES)}", param_hint="--fsync")
+    status = f"tcp://{host}:{status_port}"
+    build(check_exposure, status, insecure=insecure, what="status")  # every node binds --host
     wal_dir = None if memory else os.path.abspath(data_dir)
     topology = Topology(host=host, frontend_port=frontend_port, backend_port=backend_port,
                         producers=producers, producer_port=producer_port, consumers=consumers,
                         consumer_port=consumer_port, partitions=partitions, capacity=capacity,
                         db_url=db, heartbeat_ms=heartbeat_ms, log_level=log_level,
-                        log_json=log_json, data_dir=wal_dir, fsync=fsync)
+                        log_json=log_json, data_dir=wal_dir, fsync=fsync, insecure=insecure)
     policy = RestartPolicy(max_deaths=restart_limit, window_s=restart_window)
-    status = f"tcp://{host}:{status_port}"
 
     def say(line: str) -> None:
         out.print(line, highlight=False, soft_wrap=True)  # one line each, whatever the width
