@@ -383,3 +383,15 @@ def full_broker_with_a_consumer(make: Callable[..., tuple[Broker, Clock]],
     put(broker, b"{}", b"{}")
     (records,) = to(broker, "9090")
     return broker, clock, only_batch(records)
+
+
+def depth_of(value: Any) -> int:
+    """How deep JSON arrays and objects nest in ``value`` (iterative: no recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, list | dict):
+            deepest = max(deepest, level)
+            todo.extend((v, level + 1) for v in (item.values() if isinstance(item, dict)
+                                                 else item))
+    return deepest

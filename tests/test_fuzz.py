@@ -33,6 +33,7 @@ from helpers import (
     Clock,
     batch_rows,
     consumer_says,
+    depth_of,
     hello,
     recv,
     stored_rows,
@@ -356,17 +357,6 @@ def internal(message: proto.Message) -> bool:
 
 
 # -- 1. every decoder ----------------------------------------------------------------------------
-def depth_of(value: Any) -> int:
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, level = todo.pop()
-        if isinstance(item, list | dict):
-            deepest = max(deepest, level)
-            todo.extend((v, level + 1) for v in (item.values() if isinstance(item, dict)
-                                                 else item))
-    return deepest
-
-
 ANY_JSON = JSON | VALUES
 JSON_MUTATIONS = mutations(ANY_JSON)
 HEADERS = st.builds(mutate, st.fixed_dictionaries({"credit": JSON, "acks": JSON}) | st.just({}),

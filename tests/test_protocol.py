@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from helpers import depth_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,18 +33,6 @@ def nested(depth: int, opener: bytes = b"[", closed: bool = True) -> bytes:
     close = {b"[": b"]", b'{"a":': b"}"}[opener]
     inner = opener * (depth - 1) + (b"1" + close * (depth - 1) if closed else b"")
     return b'{"a":' + inner + (b"}" if closed else b"")
-
-
-def depth_of(value: Any) -> int:
-    """How deep JSON arrays and objects nest in ``value`` (iterative: no recursion)."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, level = todo.pop()
-        if isinstance(item, list | dict):
-            deepest = max(deepest, level)
-            todo.extend((v, level + 1) for v in (item.values() if isinstance(item, dict)
-                                                 else item))
-    return deepest
 
 
 @pytest.fixture
