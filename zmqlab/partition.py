@@ -28,6 +28,7 @@ from itertools import accumulate
 from typing import Any, NamedTuple
 
 from zmqlab.errors import ErrorCode, LeaseError, ProtocolError
+from zmqlab.protocol import check_runs, expand_runs
 
 MAX_ATTEMPT = 65_535  # attempts are kept in an unsigned 16-bit array
 _FIRST_ATTEMPT = array("H", [1])
@@ -304,21 +305,16 @@ class Partition:
 
     def _in_flight(self, runs: Sequence[Any]) -> list[int]:
         """The offsets of ``runs``, each checked to be in flight before any is expanded."""
-        if not all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
-                   and r[1] > 0 for r in runs):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                "offsets must be runs [first offset, count > 0]")
+        total = check_runs(runs)
         for first, count in runs:
             if first < self.head or first + count > self.cursor:
                 raise LeaseError(ErrorCode.UNKNOWN_OFFSET,
                                  f"offsets {first}..{first + count - 1} are not in flight in "
                                  f"partition {self.number} (in flight: [{self.head}, "
                                  f"{self.cursor}))")
-        if sum(count for _, count in runs) > self.cursor - self.head:
+        if total > self.cursor - self.head:
             raise LeaseError(ErrorCode.UNKNOWN_OFFSET, "more offsets than are in flight")
-        if len(runs) == 1:
-            return list(range(runs[0][0], runs[0][0] + runs[0][1]))
-        return [o for first, count in runs for o in range(first, first + count)]
+        return expand_runs(runs)
 
     def _forget_below(self, head: int) -> None:
         """Drop the run starts and deliveries that the head has passed."""

@@ -297,19 +297,29 @@ def to_runs(offsets: Sequence[int]) -> list[list[int]]:
     return runs
 
 
-def from_runs(runs: Sequence[Any], limit: int = MAX_RUN_OFFSETS) -> list[int]:
-    """The offsets of runs ``[first, count > 0]``, or ProtocolError; runs that name more than
-    ``limit`` offsets are refused before they are expanded."""
+def check_runs(runs: Sequence[Any]) -> int:
+    """How many offsets runs ``[first, count > 0]`` name, or ProtocolError (nothing expanded)."""
     if not all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
                and r[1] > 0 for r in runs):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "offsets must be runs [first offset, count > 0]")
-    total = sum(r[1] for r in runs)
-    if total > limit:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"runs name {total} offsets, more than "
-                            f"{limit}")
+    return sum(r[1] for r in runs)
+
+
+def expand_runs(runs: Sequence[Sequence[int]]) -> list[int]:
+    """The offsets of runs already checked (``check_runs``)."""
     if len(runs) == 1:
         return list(range(runs[0][0], runs[0][0] + runs[0][1]))
     return [o for first, count in runs for o in range(first, first + count)]
+
+
+def from_runs(runs: Sequence[Any], limit: int = MAX_RUN_OFFSETS) -> list[int]:
+    """The offsets of runs ``[first, count > 0]``, or ProtocolError; runs that name more than
+    ``limit`` offsets are refused before they are expanded."""
+    total = check_runs(runs)
+    if total > limit:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"runs name {total} offsets, more than "
+                            f"{limit}")
+    return expand_runs(runs)
 
 
 def compact(values: list[Any]) -> Any:

@@ -78,7 +78,7 @@ def broker(
                    ack_timeout_ms=ack_timeout_ms, data_dir=data_dir, fsync=fsync,
                    fsync_interval_ms=fsync_interval_ms, heartbeat_ms=heartbeat_ms,
                    liveness=liveness, insecure=insecure)
-    with failing():
+    with failing():  # recovering the log can fail: exit 1, one line
         run_node(Broker(config))
 
 
